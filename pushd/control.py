@@ -1,0 +1,305 @@
+"""The control socket server: a Unix stream socket speaking :mod:`pushd.protocol`.
+
+The daemon gives :class:`ControlServer` a table of op handlers (``{"ping": ping, ...}``); each
+handler gets the request's ``args`` and the connecting :class:`Peer`, returns a msgpack-encodable
+result or raises :class:`~pushd.protocol.OpError`. Replace ``server.handlers`` at any time
+(reload does); the next request uses the new table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from pushd.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    OpError,
+    ProtocolError,
+    Request,
+    encode_frame,
+    error_reply,
+    ok_reply,
+    read_frame,
+    reject_unknown_args,
+    request_id_of,
+)
+
+log = structlog.get_logger()
+
+_PEERCRED = struct.Struct("3i")
+# How long we try to deliver a refusal (too many connections, peer not allowed) before closing.
+_REFUSAL_SEND_TIMEOUT = 1.0
+# How long we wait for an existing socket to answer when deciding whether it is stale.
+_LIVENESS_TIMEOUT = 1.0
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
+
+
+class SocketInUse(Exception):
+    """A live daemon already answers on the control socket path."""
+
+    def __init__(self, path: Path, message: str | None = None) -> None:
+        self.path = path
+        super().__init__(
+            message
+            or f"control socket {path} is in use: another pushd is answering on it; "
+            "stop that daemon first or configure a different socket path"
+        )
+
+
+def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> Peer:
+    """The pid/uid/gid of the process on the other end of a connected Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def peer_allowed(peer: Peer, allowed_uids: Collection[int], allowed_gids: Collection[int]) -> bool:
+    """True if the peer's uid or primary gid is allowed."""
+    return peer.uid in allowed_uids or peer.gid in allowed_gids
+
+
+async def ping(args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+    """A ready-made ``ping`` handler: proves the daemon's event loop answers."""
+    reject_unknown_args(args)
+    return {"pong": True, "protocol": PROTOCOL_VERSION, "pid": os.getpid()}
+
+
+class ControlServer:
+    def __init__(
+        self,
+        path: Path,
+        handlers: Mapping[str, Handler],
+        *,
+        mode: int = 0o660,
+        group: str | None = None,
+        allowed_uids: Collection[int] = (),
+        allowed_gids: Collection[int] = (),
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_connections: int = 64,
+        idle_timeout: float = 300.0,
+        allow_own_uid: bool = True,
+    ) -> None:
+        """``group`` (a name or a numeric gid; None or "" keeps the daemon's own) owns the
+        socket file; it is looked up now, so a wrong name fails at startup (LookupError).
+        The daemon's own uid is always allowed unless ``allow_own_uid`` is False (for tests)."""
+        self.path = Path(path)
+        self.handlers: Mapping[str, Handler] = handlers
+        self.mode = mode
+        self.gid = _resolve_group(group) if group else None
+        self.allowed_uids = frozenset(allowed_uids) | (
+            {os.getuid()} if allow_own_uid else frozenset()
+        )
+        self.allowed_gids = frozenset(allowed_gids)
+        self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.active_connections = 0
+        self.total_connections = 0
+        self.requests_served = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, listen and serve until cancelled; removes the socket file on exit.
+
+        Raises SocketInUse if another live server answers on the path, FileExistsError if
+        the path exists and is not a socket.
+        """
+        await self._clear_stale_socket()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        identity: tuple[int, int] | None = None
+        try:
+            await sock.bind(os.fspath(self.path))
+            st = os.stat(self.path)
+            identity = (st.st_dev, st.st_ino)
+            # Nobody can connect before listen(), so the file is never reachable with looser
+            # permissions than configured.
+            if self.gid is not None:
+                os.chown(self.path, -1, self.gid)
+            os.chmod(self.path, self.mode)
+            sock.listen(socket.SOMAXCONN)
+            listener = trio.SocketListener(sock)
+            log.info("control socket listening", path=str(self.path), mode=oct(self.mode))
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                await self._accept_loop(listener, nursery)
+        finally:
+            sock.close()
+            if identity is not None:
+                self._remove_socket_file(identity)
+
+    async def _clear_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST,
+                "control socket path exists and is not a socket; refusing to replace it",
+                os.fspath(self.path),
+            )
+        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with trio.move_on_after(_LIVENESS_TIMEOUT) as scope:
+                await probe.connect(os.fspath(self.path))
+            if scope.cancelled_caught:
+                raise SocketInUse(self.path, f"control socket {self.path} does not answer "
+                                  "promptly but accepts connections: another pushd may be "
+                                  "running on it; refusing to replace it")
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale control socket", path=str(self.path))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        except OSError as exc:
+            raise SocketInUse(self.path, f"cannot tell whether control socket {self.path} is "
+                              f"in use ({exc}); refusing to replace it") from exc
+        finally:
+            probe.close()
+        raise SocketInUse(self.path)
+
+    def _remove_socket_file(self, identity: tuple[int, int]) -> None:
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == identity:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove control socket", path=str(self.path), error=str(exc))
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.warning("control socket accept failed; retrying", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            self.total_connections += 1
+            if self.active_connections >= self.max_connections:
+                log.warning("control connection refused: too many connections",
+                            limit=self.max_connections)
+                await self._refuse(stream, OpError(
+                    ErrorCode.UNAVAILABLE,
+                    f"too many control connections (limit {self.max_connections}); try again later",
+                ))
+                continue
+            self.active_connections += 1
+            nursery.start_soon(self._connection_task, stream)
+
+    async def _refuse(self, stream: trio.SocketStream, err: OpError) -> None:
+        with trio.move_on_after(_REFUSAL_SEND_TIMEOUT):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode_frame(error_reply(None, err)))
+        await trio.aclose_forcefully(stream)
+
+    async def _connection_task(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_credentials(stream.socket)
+            logger = log.bind(peer_pid=peer.pid, peer_uid=peer.uid)
+            if not peer_allowed(peer, self.allowed_uids, self.allowed_gids):
+                logger.warning("control connection refused: peer not allowed", peer_gid=peer.gid)
+                await self._refuse(stream, OpError(
+                    ErrorCode.NOT_ALLOWED,
+                    f"uid {peer.uid} / gid {peer.gid} may not use this control socket",
+                ))
+                return
+            await self._serve(stream, peer, logger)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; nothing to tell it
+        except Exception:
+            log.exception("control connection failed")
+        finally:
+            self.active_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream, peer: Peer, logger: Any) -> None:
+        buffer = bytearray()
+        while True:
+            with trio.move_on_after(self.idle_timeout) as idle:
+                try:
+                    obj = await read_frame(stream, max_size=self.max_frame, buffer=buffer)
+                except ProtocolError as exc:
+                    # The byte stream cannot be resynchronised: say why, then hang up.
+                    logger.warning("bad control frame; closing connection", code=str(exc.code),
+                                   error=exc.message)
+                    await self._send(stream, error_reply(None, OpError(exc.code, exc.message)))
+                    return
+            if idle.cancelled_caught:
+                logger.info("closing idle control connection", idle_timeout=self.idle_timeout)
+                return
+            if obj is None:
+                return
+            if not await self._send(stream, await self._dispatch(obj, peer, logger)):
+                logger.info("closing control connection: peer does not read its replies")
+                return
+
+    async def _dispatch(self, obj: Any, peer: Peer, logger: Any) -> bytes:
+        request_id = request_id_of(obj)
+        try:
+            request = Request.parse(obj)
+            handler = self.handlers.get(request.op)
+            if handler is None:
+                raise OpError(
+                    ErrorCode.UNKNOWN_OP,
+                    f"unknown op {request.op!r}",
+                    field="op",
+                    details={"ops": sorted(self.handlers)},
+                )
+            result = await handler(request.args, peer)
+            reply = encode_frame(ok_reply(request_id, result))
+        except OpError as err:
+            reply = encode_frame(error_reply(request_id, err))
+        except Exception as exc:
+            op = obj.get("op") if isinstance(obj, dict) else None
+            logger.exception("control op failed", op=op)
+            reply = encode_frame(error_reply(request_id, OpError(
+                ErrorCode.INTERNAL,
+                f"internal error ({type(exc).__name__}); see the daemon log",
+            )))
+        self.requests_served += 1
+        return reply
+
+    async def _send(self, stream: trio.SocketStream, reply: bytes | dict[str, Any]) -> bool:
+        """Send one reply; False if the peer did not take it within ``idle_timeout``."""
+        data = reply if isinstance(reply, bytes) else encode_frame(reply)
+        with trio.move_on_after(self.idle_timeout):
+            await stream.send_all(data)
+            return True
+        return False
+
+
+def _resolve_group(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise LookupError(f"unknown group {group!r} for the control socket") from None
