@@ -1,0 +1,355 @@
+"""The one SQLite database behind pushd, with a plain trio API.
+
+aiosqlite is asyncio-only; it runs here under trio through trio-asyncio and nowhere
+else. Every call is a function run on the raw ``sqlite3.Connection`` in aiosqlite's
+single worker thread, so:
+
+* a transaction (:meth:`Store.transaction`) runs as one unit in that thread —
+  ``BEGIN IMMEDIATE``, the caller's statements, then ``COMMIT`` or ``ROLLBACK`` —
+  and statements from other tasks sharing the connection queue up behind it and
+  can never interleave with it;
+* a write, once handed to the thread, always finishes (commit or rollback) even if
+  the awaiting task is cancelled; the awaiting side is shielded for a bounded time
+  (``write_timeout``) so a cancelled caller still learns the outcome in the common
+  case, and raises :class:`StorageTimeout` (the write still completes, all or
+  nothing) when the bound runs out.
+
+The asyncio loop: :func:`open_store` reuses the trio-asyncio loop of the calling
+task if there is one (the daemon opens ``trio_asyncio.open_loop()`` once around
+everything) and otherwise opens its own for the lifetime of the store (tests,
+scripts). The store remembers its loop, so any trio task may use it, including
+tasks started outside the loop's context.
+
+The schema is versioned with ``PRAGMA user_version``: :data:`MIGRATIONS` is applied
+in order, one transaction per step; a database newer than the code is refused
+(:class:`SchemaTooNew`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import trio
+import trio_asyncio
+
+T = TypeVar("T")
+Params = Sequence[Any] | Mapping[str, Any]
+
+DEFAULT_WRITE_TIMEOUT = 30.0
+
+
+class StorageError(Exception):
+    """Base class for storage errors."""
+
+
+class SchemaTooNew(StorageError):
+    def __init__(self, path: Path, db_version: int, code_version: int) -> None:
+        self.path = path
+        self.db_version = db_version
+        self.code_version = code_version
+        super().__init__(
+            f"{path}: database schema version {db_version} is newer than this pushd "
+            f"understands ({code_version}); upgrade pushd or use another database file"
+        )
+
+
+class StorageTimeout(StorageError):
+    """A write did not finish within the bound; it still commits or rolls back whole."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "registry: devices, users, retired tokens",
+        (
+            """CREATE TABLE users (
+                user_id TEXT PRIMARY KEY,
+                contact_ids TEXT NOT NULL,
+                attributes TEXT NOT NULL,
+                consent_events INTEGER NOT NULL,
+                consent_event_kinds TEXT NOT NULL,
+                updated_at_ms INTEGER NOT NULL
+            )""",
+            """CREATE TABLE devices (
+                device_id TEXT PRIMARY KEY,
+                token TEXT NOT NULL,
+                environment TEXT NOT NULL,
+                topic TEXT NOT NULL,
+                model TEXT NOT NULL,
+                os_version TEXT NOT NULL,
+                app_version TEXT NOT NULL,
+                locale TEXT NOT NULL,
+                time_zone TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                previous_user_id TEXT,
+                user_changed_at_ms INTEGER,
+                alert INTEGER NOT NULL,
+                background INTEGER NOT NULL,
+                categories_allowed TEXT NOT NULL,
+                categories_refused TEXT NOT NULL,
+                previous_token TEXT,
+                token_updated_at_ms INTEGER NOT NULL,
+                retired_at_ms INTEGER,
+                registered_at_ms INTEGER NOT NULL,
+                updated_at_ms INTEGER NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX devices_token ON devices(token)",
+            "CREATE INDEX devices_user ON devices(user_id, device_id)",
+            """CREATE TABLE retired_tokens (
+                token TEXT PRIMARY KEY,
+                retired_at_ms INTEGER NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        2,
+        "queue: messages and per-device items",
+        (
+            """CREATE TABLE messages (
+                message_id TEXT PRIMARY KEY,
+                payload BLOB NOT NULL,
+                priority INTEGER NOT NULL,
+                push_type TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                expiration REAL,
+                collapse_id TEXT,
+                target BLOB NOT NULL,
+                audience INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                enqueued INTEGER NOT NULL DEFAULT 0,
+                finished_at REAL
+            )""",
+            """CREATE INDEX messages_expiry ON messages(expiration)
+               WHERE state = 'active' AND expiration IS NOT NULL""",
+            """CREATE TABLE items (
+                item_id INTEGER PRIMARY KEY,
+                message_id TEXT NOT NULL REFERENCES messages(message_id),
+                device_id TEXT NOT NULL,
+                shard INTEGER NOT NULL,
+                idcode BLOB NOT NULL,
+                priority INTEGER NOT NULL,
+                rank REAL NOT NULL,
+                enqueued_at REAL NOT NULL,
+                not_before REAL NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                state TEXT NOT NULL,
+                lease_owner TEXT,
+                lease_until REAL,
+                outcome TEXT,
+                reason TEXT,
+                apns_id TEXT,
+                updated_at REAL NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX items_message_device ON items(message_id, device_id)",
+            "CREATE INDEX items_message_state ON items(message_id, state, outcome, reason)",
+            "CREATE INDEX items_ready ON items(shard, rank) WHERE state = 'queued'",
+            "CREATE INDEX items_due ON items(shard, not_before) WHERE state = 'queued'",
+            "CREATE INDEX items_leases ON items(lease_until) WHERE state = 'leased'",
+        ),
+    ),
+)
+
+
+def _atomically(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` inside BEGIN IMMEDIATE ... COMMIT, rolling back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+class Store:
+    """One shared connection; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        loop: trio_asyncio.TrioEventLoop,
+        path: Path,
+        *,
+        write_timeout: float,
+    ) -> None:
+        self._db = db
+        self._loop = loop
+        self.path = path
+        self.write_timeout = write_timeout
+        self.schema_version = 0
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in the connection's thread; cancellable (for reads)."""
+        conn = self._db._conn
+        # aiosqlite's own queue-a-function primitive: the only way to run several
+        # statements as one unit in its thread.
+        result: T = await trio_asyncio.aio_as_trio(self._db._execute, loop=self._loop)(fn, conn)
+        return result
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a write in the thread, shielded from cancellation for a bounded time."""
+        with trio.move_on_after(self.write_timeout, shield=True) as scope:
+            return await self._call(fn)
+        assert scope.cancelled_caught
+        raise StorageTimeout(
+            f"write to {self.path} did not finish in {self.write_timeout}s; "
+            "it will still commit or roll back as a whole"
+        )
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only function of the raw connection (no transaction of its own)."""
+        return await self._call(fn)
+
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` atomically (BEGIN IMMEDIATE / COMMIT, ROLLBACK on error).
+
+        ``fn`` is synchronous and runs in the database thread: it must not block on
+        anything but SQLite. Shielded from cancellation up to ``write_timeout``.
+        """
+        return await self._write(lambda conn: _atomically(conn, fn))
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        return await self._call(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = await self._call(
+            lambda conn: conn.execute(sql, params).fetchone()
+        )
+        return row
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one writing statement in its own transaction; returns the rowcount."""
+        return await self.transaction(lambda conn: conn.execute(sql, params).rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        """Run one statement over many rows in a single transaction."""
+        await self.transaction(lambda conn: conn.executemany(sql, rows))
+
+    async def iterate(
+        self,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        key: str,
+        start: Any,
+        batch: int = 1000,
+    ) -> AsyncIterator[list[sqlite3.Row]]:
+        """Stream a query in keyset-paginated batches of at most ``batch`` rows.
+
+        ``sql`` must filter on ``<key> > :after``, end with ``ORDER BY <key> LIMIT :limit``
+        and select the ``key`` column; ``start`` is a value below every key. Memory
+        stays bounded by one batch however many rows match.
+        """
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        after = start
+        while True:
+            rows = await self.fetchall(sql, {**params, "after": after, "limit": batch})
+            if rows:
+                yield rows
+            if len(rows) < batch:
+                return
+            after = rows[-1][key]
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migration]) -> int:
+    """Apply pending migrations, each in its own transaction; returns the new version."""
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise ValueError(f"migration versions must be 1, 2, 3...; got {migration.version}")
+    code_version = len(migrations)
+    (db_version,) = conn.execute("PRAGMA user_version").fetchone()
+    if db_version > code_version:
+        raise SchemaTooNew(path, db_version, code_version)
+    for migration in migrations[db_version:]:
+
+        def step(conn: sqlite3.Connection, migration: Migration = migration) -> None:
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            (current,) = conn.execute("PRAGMA user_version").fetchone()
+            if current >= migration.version:
+                return
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {migration.version:d}")
+
+        _atomically(conn, step)
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > code_version:
+        raise SchemaTooNew(path, version, code_version)
+    return int(version)
+
+
+def _configure(conn: sqlite3.Connection, synchronous: str) -> None:
+    conn.row_factory = sqlite3.Row
+    (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    if mode.lower() != "wal" and mode.lower() != "memory":
+        raise StorageError(f"could not switch the database to WAL mode (got {mode!r})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 5000")
+
+
+@asynccontextmanager
+async def _asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
+    """The caller's trio-asyncio loop if there is one, otherwise a loop of our own."""
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None:
+        yield loop
+        return
+    try:
+        async with trio_asyncio.open_loop() as own:
+            yield own
+    except BaseExceptionGroup as group:
+        # open_loop's two nurseries wrap whatever crosses them; hand callers their own
+        # error rather than a group of a group of one.
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if error is group:
+            raise
+        raise error from None
+
+
+@asynccontextmanager
+async def open_store(
+    path: Path,
+    *,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    synchronous: str = "NORMAL",
+) -> AsyncIterator[Store]:
+    """Open (creating if needed) and migrate the database at ``path``.
+
+    ``synchronous``: ``NORMAL`` (WAL default: survives a process crash, a power
+    loss may drop the last commits) or ``FULL`` (also survives power loss).
+    """
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ValueError("synchronous must be NORMAL or FULL")
+    path = Path(path)
+    async with _asyncio_loop() as loop:
+        db = await trio_asyncio.aio_as_trio(aiosqlite.connect, loop=loop)(
+            str(path), isolation_level=None
+        )
+        store = Store(db, loop, path, write_timeout=write_timeout)
+        try:
+            await store._write(lambda conn: _configure(conn, synchronous))
+            store.schema_version = await store._write(lambda conn: _migrate(conn, path, migrations))
+            yield store
+        finally:
+            with trio.move_on_after(write_timeout, shield=True):
+                await trio_asyncio.aio_as_trio(db.close, loop=loop)()

@@ -1,0 +1,284 @@
+"""actors.storage: migrations, atomic shielded writes, no interleaving, streaming."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+import trio_asyncio
+
+from actors.storage import (
+    MIGRATIONS,
+    Migration,
+    SchemaTooNew,
+    StorageTimeout,
+    Store,
+    open_store,
+)
+
+SCRATCH = Migration(
+    len(MIGRATIONS) + 1,
+    "scratch table for tests",
+    ("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)",),
+)
+WITH_SCRATCH = (*MIGRATIONS, SCRATCH)
+
+
+async def count(store: Store, table: str = "t") -> int:
+    row = await store.fetchone(f"SELECT count(*) AS n FROM {table}")
+    assert row is not None
+    return int(row["n"])
+
+
+async def wait_for_thread_event(event: threading.Event) -> None:
+    assert await trio.to_thread.run_sync(event.wait, 5.0), "timed out"
+
+
+async def test_migrates_an_empty_database_and_reopens(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with open_store(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        tables = {r["name"] for r in await store.fetchall("SELECT name FROM sqlite_master")}
+        assert {"devices", "users", "retired_tokens", "messages", "items"} <= tables
+        mode = await store.fetchone("PRAGMA journal_mode")
+        assert mode is not None and mode[0] == "wal"
+    # Reopening applies nothing twice and an extra step only once.
+    async with open_store(path, migrations=WITH_SCRATCH) as store:
+        assert store.schema_version == len(MIGRATIONS) + 1
+        await store.execute("INSERT INTO t (v) VALUES ('x')")
+    async with open_store(path, migrations=WITH_SCRATCH) as store:
+        assert store.schema_version == len(MIGRATIONS) + 1
+        assert await count(store) == 1
+
+
+async def test_refuses_a_database_newer_than_the_code(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with open_store(path, migrations=WITH_SCRATCH):
+        pass
+    with pytest.raises(SchemaTooNew) as info:
+        async with open_store(path):
+            pass
+    assert info.value.db_version == len(MIGRATIONS) + 1
+    assert info.value.code_version == len(MIGRATIONS)
+    assert "newer" in str(info.value)
+
+
+async def test_a_failing_migration_step_is_rolled_back_whole(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    broken = Migration(
+        len(MIGRATIONS) + 1,
+        "half good",
+        ("CREATE TABLE good (x INTEGER)", "CREATE TABLE oops (syntax error"),
+    )
+    with pytest.raises(sqlite3.OperationalError):
+        async with open_store(path, migrations=(*MIGRATIONS, broken)):
+            pass
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "good" not in names
+        assert "items" in names
+    finally:
+        conn.close()
+
+
+async def test_a_transaction_that_raises_rolls_back(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+
+        def half(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [("a",)] * 100)
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            await store.transaction(half)
+        assert await count(store) == 0
+        await store.executemany("INSERT INTO t (v) VALUES (?)", [("b",)] * 10)
+        assert await count(store) == 10
+
+
+async def test_cancelling_the_caller_mid_write_still_commits_whole(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+        started, release = threading.Event(), threading.Event()
+        results: list[str] = []
+
+        def slow(conn: sqlite3.Connection) -> str:
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [("first",)] * 500)
+            started.set()
+            release.wait(5.0)
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [("second",)] * 500)
+            return "done"
+
+        async def writer(scope: trio.CancelScope) -> None:
+            with scope:
+                results.append(await store.transaction(slow))
+                await trio.sleep_forever()  # the pending cancellation lands here
+
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, scope)
+            await wait_for_thread_event(started)
+            scope.cancel()
+            release.set()
+        assert scope.cancelled_caught
+        assert results == ["done"]
+        assert await count(store) == 1000
+
+
+async def test_a_write_past_its_bound_raises_but_stays_all_or_nothing(tmp_path: Path) -> None:
+    async with open_store(
+        tmp_path / "db.sqlite", migrations=WITH_SCRATCH, write_timeout=0.2
+    ) as store:
+        release = threading.Event()
+
+        def stuck(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [("x",)] * 100)
+            release.wait(5.0)
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [("y",)] * 100)
+
+        with trio.CancelScope() as outer:
+            outer.cancel()  # even an already-cancelled caller waits up to the bound
+            with pytest.raises(StorageTimeout):
+                await store.transaction(stuck)
+        release.set()
+        # The next statement queues behind the transaction, which committed whole.
+        assert await count(store) == 200
+
+
+async def test_a_process_killed_mid_transaction_leaves_nothing_half_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite"
+    async with open_store(path, migrations=WITH_SCRATCH) as store:
+        await store.executemany("INSERT INTO t (v) VALUES (?)", [("kept",)] * 10)
+    script = textwrap.dedent(
+        f"""
+        import os, trio
+        from pathlib import Path
+        from actors.storage import MIGRATIONS, Migration, open_store
+        from tests.test_storage import WITH_SCRATCH
+
+        def die(conn):
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [("lost",)] * 1000)
+            os._exit(3)
+
+        async def main():
+            async with open_store(Path({str(path)!r}), migrations=WITH_SCRATCH) as store:
+                await store.transaction(die)
+
+        trio.run(main)
+        """
+    )
+    proc = await trio.run_process(
+        [sys.executable, "-c", script], cwd=Path(__file__).parent.parent, check=False
+    )
+    assert proc.returncode == 3
+    async with open_store(path, migrations=WITH_SCRATCH) as store:
+        rows = await store.fetchall("SELECT v, count(*) AS n FROM t GROUP BY v")
+        assert [(r["v"], r["n"]) for r in rows] == [("kept", 10)]
+
+
+async def test_other_tasks_statements_never_join_a_running_transaction(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+        started, release = threading.Event(), threading.Event()
+
+        def doomed(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (v) VALUES ('doomed')")
+            started.set()
+            release.wait(5.0)
+            raise RuntimeError("roll back")
+
+        async def run_doomed() -> None:
+            with pytest.raises(RuntimeError):
+                await store.transaction(doomed)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_doomed)
+            await wait_for_thread_event(started)
+            async with trio.open_nursery() as others:
+                others.start_soon(store.execute, "INSERT INTO t (v) VALUES ('other')")
+                others.start_soon(
+                    store.executemany, "INSERT INTO t (v) VALUES (?)", [("many",)] * 3
+                )
+                await trio.sleep(0.05)  # let them queue behind the open transaction
+                release.set()
+        rows = await store.fetchall("SELECT v FROM t ORDER BY k")
+        assert sorted(r["v"] for r in rows) == ["many", "many", "many", "other"]
+
+
+async def test_concurrent_read_modify_write_transactions_lose_no_update(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+        await store.execute("INSERT INTO t (k, v) VALUES (1, '0')")
+
+        def bump(conn: sqlite3.Connection) -> None:
+            (v,) = conn.execute("SELECT v FROM t WHERE k = 1").fetchone()
+            conn.execute("UPDATE t SET v = ? WHERE k = 1", (str(int(v) + 1),))
+
+        async def worker() -> None:
+            for _ in range(25):
+                await store.transaction(bump)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(worker)
+        row = await store.fetchone("SELECT v FROM t WHERE k = 1")
+        assert row is not None and row["v"] == "200"
+
+
+async def test_iterate_streams_in_bounded_keyset_batches(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+        await store.executemany(
+            "INSERT INTO t (k, v) VALUES (?, ?)",
+            [(k, "even" if k % 2 == 0 else "odd") for k in range(1, 5002)],
+        )
+        sizes: list[int] = []
+        keys: list[int] = []
+        async for rows in store.iterate(
+            "SELECT k FROM t WHERE v = :v AND k > :after ORDER BY k LIMIT :limit",
+            {"v": "even"},
+            key="k",
+            start=0,
+            batch=1000,
+        ):
+            sizes.append(len(rows))
+            keys.extend(r["k"] for r in rows)
+        assert sizes == [1000, 1000, 500]
+        assert keys == list(range(2, 5002, 2))
+        empty = [
+            rows
+            async for rows in store.iterate(
+                "SELECT k FROM t WHERE v = 'none' AND k > :after ORDER BY k LIMIT :limit",
+                {},
+                key="k",
+                start=0,
+            )
+        ]
+        assert empty == []
+
+
+async def test_reuses_the_callers_loop_and_serves_tasks_outside_it(tmp_path: Path) -> None:
+    send, receive = trio.open_memory_channel[Store](0)
+    done = trio.Event()
+
+    async def outsider() -> None:
+        # Started before any asyncio loop existed: no loop in this task's context.
+        assert trio_asyncio.current_loop.get() is None
+        store = await receive.receive()
+        assert await store.execute("INSERT INTO t (v) VALUES ('from outside')") == 1
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outsider)
+        async with (
+            trio_asyncio.open_loop() as loop,
+            open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store,
+        ):
+            assert store._loop is loop
+            await send.send(store)
+            await done.wait()
+            assert await count(store) == 1
