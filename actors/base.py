@@ -1,0 +1,57 @@
+"""What every actor is handed by its supervisor: a heartbeat and a stop request.
+
+An actor is one class with ``async def run(self, *, task_status=trio.TASK_STATUS_IGNORED)``.
+It calls ``task_status.started()`` once it is ready to work, beats its heartbeat at
+least every ``heartbeat.interval`` seconds while healthy (waits are bounded by that
+interval, see ``ActorContext.idle``), and returns once ``stopping`` is set and its
+in-flight work is finished.  Returning at any other time counts as a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import trio
+
+__all__ = ["ActorContext", "Heartbeat"]
+
+
+class Heartbeat:
+    """The last time the actor proved it was making progress (trio clock)."""
+
+    __slots__ = ("interval", "last")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = -math.inf
+
+    def beat(self) -> None:
+        self.last = trio.current_time()
+
+    def age(self) -> float:
+        return trio.current_time() - self.last
+
+
+@dataclass
+class ActorContext:
+    name: str
+    heartbeat: Heartbeat
+    stopping: trio.Event = field(default_factory=trio.Event)
+
+    async def idle(self, wake: trio.Event | None = None) -> None:
+        """Wait until ``wake`` is set or a stop is requested, beating the heartbeat at
+        least once per interval. Bound it with ``trio.move_on_after`` to wait for a time."""
+        while not self.stopping.is_set() and not (wake is not None and wake.is_set()):
+            self.heartbeat.beat()
+            with trio.move_on_after(self.heartbeat.interval):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_wait_then_cancel, self.stopping, nursery.cancel_scope)
+                    if wake is not None:
+                        nursery.start_soon(_wait_then_cancel, wake, nursery.cancel_scope)
+        self.heartbeat.beat()
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -1,0 +1,275 @@
+"""The daemon: builds the channels and actors from the config, supervises them, serves
+the control socket, speaks sd_notify, and handles signals.
+
+Lifecycle
+  start     open the store, start every actor under the supervisor (each with
+            ``nursery.start``), then the control socket; READY=1 once all have started.
+  SIGHUP    reload: re-read and validate the config; an invalid file keeps the old
+  / reload  config and the reply says what is wrong; otherwise apply what can be applied
+            live (see ``pushd.config.RESTART_REQUIRED`` for the rest).
+  SIGTERM   drain: stop taking new work, ask every actor to stop, wait for them up to
+  / SIGINT  ``daemon.shutdown_timeout``, then cancel what is left; exit 0.  A second
+            signal cancels at once.
+  escalate  an actor that keeps crashing ends the daemon with exit status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import trio
+
+from pushd import logs
+from pushd.config import Config, ConfigError, load_config, merge_for_reload
+from pushd.control import ControlServer, Peer
+from pushd.protocol import ErrorCode, OpError
+from pushd.sdnotify import Notifier
+from pushd.supervisor import ActorEscalation, ActorHandle, RestartPolicy, Supervisor
+
+__all__ = ["EXIT_ESCALATED", "EXIT_OK", "Daemon"]
+
+log = structlog.get_logger("pushd.daemon")
+
+EXIT_OK = 0
+EXIT_ESCALATED = 1
+
+Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
+
+
+def restart_policy(cfg: Config) -> RestartPolicy:
+    s = cfg.supervisor
+    return RestartPolicy(
+        backoff_initial=s.backoff_initial,
+        backoff_max=s.backoff_max,
+        max_crashes=s.max_crashes,
+        crash_window=s.crash_window,
+        heartbeat_interval=s.heartbeat_interval,
+    )
+
+
+class Daemon:
+    """One pushd process. ``await daemon.run()`` returns the exit status."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier.from_environ()
+        self.supervisor = Supervisor(restart_policy(config))
+        self.started_at = time.time()
+        self.draining = False
+        self.reloads = 0
+        self._stop_requested = trio.Event()
+        self._ready = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._pipeline: Any = None  # pushd.pipeline.Pipeline, built in run()
+        self._reload_lock = trio.Lock()
+
+    # -- public ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> trio.Event:
+        return self._ready
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> int:
+        from pushd.pipeline import Pipeline  # the actors and what they share
+
+        cfg = self.config
+        escalated: list[ActorEscalation] = []
+        try:
+            async with Pipeline.open(cfg) as pipeline, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._pipeline = pipeline
+                await self._pipeline.start(nursery, self.supervisor)
+                control = ControlServer(
+                    cfg.socket_path,
+                    self.handlers(),
+                    mode=cfg.control.mode,
+                    group=cfg.control.group or None,
+                    allowed_uids=cfg.control.allowed_uids,
+                    allowed_gids=cfg.control.allowed_gids,
+                    max_frame=cfg.control.max_frame,
+                    max_connections=cfg.control.max_connections,
+                )
+                await nursery.start(control.run)
+                nursery.start_soon(self._watchdog)
+                self._ready.set()
+                self.notifier.ready(self.status_line())
+                log.info(
+                    "pushd ready",
+                    socket=str(cfg.socket_path),
+                    database=str(cfg.database_path),
+                    nodes=cfg.nodes.count,
+                    apns=cfg.apns.environment,
+                )
+                task_status.started(self)
+                await self._serve_signals_until_stop(nursery)
+                await self._drain(nursery)
+                nursery.cancel_scope.cancel()
+        except* ActorEscalation as group:
+            escalated.extend(e for e in group.exceptions if isinstance(e, ActorEscalation))
+        if escalated:
+            for exc in escalated:
+                log.critical("exiting: an actor keeps crashing", error=str(exc))
+            self.notifier.stopping(f"actor escalation: {escalated[0]}")
+            return EXIT_ESCALATED
+        log.info("pushd stopped")
+        return EXIT_OK
+
+    # -- signals, drain, watchdog ---------------------------------------------------
+
+    async def _serve_signals_until_stop(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as inner:
+
+                async def stop_on_request() -> None:
+                    await self._stop_requested.wait()
+                    inner.cancel_scope.cancel()
+
+                inner.start_soon(stop_on_request)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        result = await self.reload()
+                        if not result["ok"]:
+                            log.error("reload rejected; old config kept", problems=result["problems"])
+                        continue
+                    log.info("signal received; draining", signal=signal.Signals(signum).name)
+                    nursery.start_soon(self._second_signal, signals, nursery)
+                    inner.cancel_scope.cancel()
+                    break
+
+    async def _second_signal(self, signals: Any, nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.warning("second signal; exiting at once")
+                nursery.cancel_scope.cancel()
+                return
+
+    async def _drain(self, nursery: trio.Nursery) -> None:
+        """Stop taking new work, let in-flight work finish within shutdown_timeout."""
+        self.draining = True
+        timeout = self.config.daemon.shutdown_timeout
+        self.notifier.stopping(f"draining (up to {timeout:g}s)")
+        self.supervisor.request_stop_all()
+        with trio.move_on_after(timeout) as scope:
+            for handle in list(self.supervisor.actors.values()):
+                await handle.done.wait()
+        if scope.cancelled_caught:
+            left = [h.name for h in self.supervisor.actors.values() if not h.done.is_set()]
+            log.warning("shutdown_timeout reached; cancelling", actors=left)
+        else:
+            log.info("drained")
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 only while every running actor's heartbeat is fresh; STATUS= too."""
+        period = self.notifier.watchdog_interval()
+        interval = min(period or 5.0, 5.0)
+        timeout = self.config.supervisor.heartbeat_timeout
+        while True:
+            stale = self.supervisor.stale(timeout)
+            if stale:
+                log.error("actors wedged; withholding watchdog ping", actors=stale)
+                self.notifier.status(f"wedged: {', '.join(stale)}")
+            else:
+                self.notifier.watchdog()
+                self.notifier.status(self.status_line())
+            await trio.sleep(interval)
+
+    # -- reload ---------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file; apply it or keep the old one. Never raises."""
+        async with self._reload_lock:
+            source = self.config.source
+            self.notifier.reloading()
+            try:
+                if source is None:
+                    raise ConfigError("<memory>", [])
+                new = await trio.to_thread.run_sync(load_config, source)
+            except ConfigError as exc:
+                self.notifier.ready(self.status_line())
+                return {
+                    "ok": False,
+                    "file": exc.file,
+                    "problems": [{"key": p.key, "message": p.message} for p in exc.problems],
+                }
+            effective, applied, restart = merge_for_reload(self.config, new)
+            self.config = effective
+            logs.set_level(effective.daemon.log_level)
+            self.supervisor.policy = restart_policy(new)
+            if self._pipeline is not None and self._nursery is not None:
+                await self._pipeline.apply(effective, self._nursery, self.supervisor)
+            self.reloads += 1
+            log.info("config reloaded", changed=applied, restart_required=restart)
+            self.notifier.ready(self.status_line())
+            return {"ok": True, "changed": applied, "restart_required": restart}
+
+    # -- control ops ----------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        ops: dict[str, Handler] = {
+            "ping": self._op_ping,
+            "status": self._op_status,
+            "stats": self._op_stats,
+            "reload": self._op_reload,
+        }
+        if self._pipeline is not None:
+            ops.update(self._pipeline.handlers(self))
+        return ops
+
+    async def _op_ping(self, args: dict[str, Any], peer: Peer) -> Any:
+        return {"pong": True, "pid": os.getpid(), "version": _version()}
+
+    async def _op_status(self, args: dict[str, Any], peer: Peer) -> Any:
+        return {
+            "pid": os.getpid(),
+            "version": _version(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "draining": self.draining,
+            "config": str(self.config.source) if self.config.source else None,
+            "reloads": self.reloads,
+            "actors": self.supervisor.describe(),
+        }
+
+    async def _op_stats(self, args: dict[str, Any], peer: Peer) -> Any:
+        out: dict[str, Any] = {
+            "uptime": round(time.time() - self.started_at, 3),
+            "restarts": sum(h.restarts for h in self.supervisor.actors.values()),
+        }
+        if self._pipeline is not None:
+            out.update(await self._pipeline.stats())
+        return out
+
+    async def _op_reload(self, args: dict[str, Any], peer: Peer) -> Any:
+        result = await self.reload()
+        if not result["ok"]:
+            problems = "; ".join(f"{p['key']}: {p['message']}" for p in result["problems"])
+            raise OpError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"config {result['file']} is invalid, old config kept: {problems}",
+                details={"file": result["file"], "problems": result["problems"]},
+            )
+        return result
+
+    def status_line(self) -> str:
+        handles: list[ActorHandle] = list(self.supervisor.actors.values())
+        running = sum(1 for h in handles if h.state == "running")
+        text = f"{running}/{len(handles)} actors running"
+        if self._pipeline is not None:
+            text += "; " + self._pipeline.status_line()
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pushd")
+    except PackageNotFoundError:
+        return "0+unknown"
