@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping
 
 import structlog
-import trio
 
 
 class Notifier:
@@ -118,23 +117,6 @@ class Notifier:
         if not self.enabled or self._watchdog_usec is None:
             return None
         return self._watchdog_usec / 2 / 1_000_000
-
-    async def run_watchdog(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Ping the watchdog forever at :meth:`watchdog_interval`.
-
-        Returns at once when no watchdog was asked for. The pings come from the
-        trio loop itself, so a loop that stops scheduling tasks gets the
-        service restarted by systemd.
-        """
-        interval = self.watchdog_interval()
-        task_status.started()
-        if interval is None:
-            return
-        while True:
-            self.watchdog()
-            await trio.sleep(interval)
 
     def close(self) -> None:
         """Close the socket (a later send opens a new one)."""

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import structlog
-import trio
-import trio.testing
 
 from pushd.sdnotify import Notifier
 
@@ -141,24 +139,3 @@ def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
 
 def test_watchdog_interval_none_when_disabled() -> None:
     assert Notifier.from_environ({"WATCHDOG_USEC": "30000000"}).watchdog_interval() is None
-
-
-async def test_run_watchdog_pings_every_half_period(
-    listener: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
-) -> None:
-    sock, path = listener
-    n = Notifier.from_environ({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000"})
-    async with trio.open_nursery() as nursery:
-        await nursery.start(n.run_watchdog)
-        await trio.sleep(12)  # pings at t=0, 5, 10
-        nursery.cancel_scope.cancel()
-    assert received(sock) == [b"WATCHDOG=1\n"] * 3
-
-
-async def test_run_watchdog_returns_when_not_asked(listener: tuple[socket.socket, str]) -> None:
-    sock, path = listener
-    n = Notifier.from_environ({"NOTIFY_SOCKET": path})
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(n.run_watchdog)
-    assert received(sock) == []
