@@ -188,7 +188,10 @@ class Connection:
             return False
         self._track_deadline(request)
         if len(self._active) < self._limit and not self._queue:
-            self._start(request)
+            try:
+                self._start(request)
+            except h2.exceptions.TooManyStreamsError:
+                self._queue.append(request)
         else:
             self._queue.append(request)
         self._wake.set()
