@@ -213,8 +213,7 @@ def _number(value: Any, path: str) -> int | float:
         raise RuleError(path, f"expected a number, not {_kind(value)}")
     if not math.isfinite(value):
         raise RuleError(path, "expected a finite number")
-    result: int | float = value
-    return result
+    return value
 
 
 def _scalar(value: Any, path: str) -> str | bool | int | float:
