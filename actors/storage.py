@@ -127,6 +127,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 expiration REAL,
                 collapse_id TEXT,
                 target BLOB NOT NULL,
+                meta BLOB NOT NULL,
                 audience INTEGER NOT NULL,
                 state TEXT NOT NULL,
                 enqueued INTEGER NOT NULL DEFAULT 0,

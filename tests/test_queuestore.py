@@ -1,0 +1,276 @@
+"""actors.queuestore: lease order, leases, retries, expiry, acks, state paging, durability."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from actors.queuestore import ItemResult, ItemRow, MessageRow, QueueStore, UnknownMessage
+from actors.storage import open_store
+
+T0 = 1_700_000_000.0
+AGING = 60.0
+
+
+@pytest.fixture
+async def queue(tmp_path: Path) -> AsyncIterator[QueueStore]:
+    async with open_store(tmp_path / "q.sqlite") as store:
+        yield QueueStore(store, aging_seconds=AGING, range_seconds=60.0, max_attempts=3)
+
+
+def message(
+    message_id: str, *, priority: int = 10, audience: int = 1, expiration: float | None = None
+) -> MessageRow:
+    return MessageRow(
+        message_id=message_id,
+        notification={"aps": {"alert": f"hello from {message_id}"}},
+        priority=priority,
+        push_type="alert",
+        created_at=T0,
+        audience=audience,
+        target={"device_ids": ["..."]},
+        expiration=expiration,
+        collapse_id="c1",
+        meta={"category": "news"},
+    )
+
+
+def items(prefix: str, n: int, *, shard: int = 0) -> list[ItemRow]:
+    return [ItemRow(f"{prefix}-{i:06d}", shard, f"code-{prefix}-{i}".encode()) for i in range(n)]
+
+
+async def push(
+    queue: QueueStore,
+    message_id: str,
+    n: int,
+    *,
+    now: float = T0,
+    priority: int = 10,
+    audience: int | None = None,
+    expiration: float | None = None,
+) -> None:
+    await queue.create_message(
+        message(
+            message_id,
+            priority=priority,
+            audience=n if audience is None else audience,
+            expiration=expiration,
+        )
+    )
+    assert await queue.enqueue(message_id, items(message_id, n), now=now) == n
+
+
+async def lease_ids(
+    queue: QueueStore, *, now: float, limit: int = 100, shard: int = 0
+) -> list[str]:
+    leased = await queue.lease(shard=shard, owner="n1", limit=limit, now=now, lease_seconds=30)
+    return [item.message_id for item in leased]
+
+
+async def test_higher_priority_leases_first_and_items_carry_their_message(
+    queue: QueueStore,
+) -> None:
+    await push(queue, "low", 3, priority=5)
+    await push(queue, "high", 3, priority=10)
+    leased = await queue.lease(shard=0, owner="n1", limit=10, now=T0, lease_seconds=30)
+    assert [i.message_id for i in leased] == ["high"] * 3 + ["low"] * 3
+    first = leased[0]
+    assert first.message.notification == {"aps": {"alert": "hello from high"}}
+    assert first.message.meta == {"category": "news"}
+    assert first.idcode == b"code-high-0"
+    assert (first.attempts, first.lease_owner, first.lease_until) == (1, "n1", T0 + 30)
+    assert await queue.lease(shard=0, owner="n2", limit=10, now=T0, lease_seconds=30) == []
+
+
+async def test_waiting_time_raises_priority_by_one_step_per_aging_period(
+    queue: QueueStore,
+) -> None:
+    await push(queue, "old-low", 1, priority=1, now=T0)
+    # Nine priority steps are worth nine aging periods of waiting.
+    await push(queue, "new-high-later", 1, priority=10, now=T0 + 9 * AGING + 1)
+    await push(queue, "new-high-sooner", 1, priority=10, now=T0 + 9 * AGING - 1)
+    assert await lease_ids(queue, now=T0 + 10 * AGING) == [
+        "new-high-sooner",
+        "old-low",
+        "new-high-later",
+    ]
+
+
+async def test_low_priority_never_starves_under_a_steady_high_priority_stream(
+    queue: QueueStore,
+) -> None:
+    await push(queue, "low", 1, priority=0, now=T0)
+    step = 10.0
+    for tick in range(1, 200):
+        now = T0 + tick * step
+        await push(queue, f"hi-{tick}", 1, priority=10, now=now)
+        leased = await lease_ids(queue, now=now, limit=1)
+        if leased == ["low"]:
+            # Served once its wait outweighed the 10-step priority gap (10 aging periods).
+            assert 10 * AGING <= tick * step <= 10 * AGING + step
+            return
+    pytest.fail("the low-priority item starved")
+
+
+async def test_a_targeted_push_overtakes_the_rest_of_a_running_broadcast(
+    tmp_path: Path,
+) -> None:
+    async with open_store(tmp_path / "q.sqlite") as store:
+        for range_seconds, expect_single_first in ((60.0, True), (0.0, False)):
+            queue = QueueStore(store, aging_seconds=AGING, range_seconds=range_seconds)
+            tag = f"r{range_seconds:g}"
+            await push(queue, f"broadcast-{tag}", 3000, priority=10, audience=100_000, now=T0)
+            assert len(await lease_ids(queue, now=T0 + 1, limit=1000)) == 1000
+            await push(queue, f"single-{tag}", 1, priority=10, now=T0 + 60)
+            first = await lease_ids(queue, now=T0 + 61, limit=1)
+            assert (first == [f"single-{tag}"]) is expect_single_first
+            await store.execute("DELETE FROM items")
+
+
+async def test_expired_leases_are_reclaimed_and_then_give_up_after_max_attempts(
+    queue: QueueStore,
+) -> None:
+    await push(queue, "m", 2)
+    leased = await queue.lease(shard=0, owner="dead-node", limit=10, now=T0, lease_seconds=30)
+    assert len(leased) == 2
+    assert await queue.next_ready_time(0) == T0 + 30
+    assert await queue.reclaim_expired_leases(T0 + 29) == 0
+    assert await queue.reclaim_expired_leases(T0 + 30) == 2
+    again = await queue.lease(shard=0, owner="n2", limit=10, now=T0 + 31, lease_seconds=30)
+    assert sorted(i.item_id for i in again) == sorted(i.item_id for i in leased)
+    assert {i.attempts for i in again} == {2}
+    assert await queue.reclaim_expired_leases(T0 + 61) == 2
+    await queue.lease(shard=0, owner="n3", limit=10, now=T0 + 62, lease_seconds=30)
+    assert await queue.reclaim_expired_leases(T0 + 92) == 2  # third attempt: max_attempts
+    state = await queue.message_state("m")
+    assert state["states"]["dead"] == 2
+    assert state["reasons"] == {"TooManyAttempts": 2}
+    assert state["state"] == "done"
+
+
+async def test_retry_is_not_leased_before_its_time(queue: QueueStore) -> None:
+    await push(queue, "m", 1)
+    (item,) = await queue.lease(shard=0, owner="n1", limit=1, now=T0, lease_seconds=30)
+    assert (
+        await queue.retry([item.item_id], not_before=T0 + 100, reason="TooManyRequests", now=T0 + 1)
+        == 1
+    )
+    assert await queue.next_ready_time(0) == T0 + 100
+    assert await lease_ids(queue, now=T0 + 99) == []
+    (again,) = await queue.lease(shard=0, owner="n1", limit=1, now=T0 + 100, lease_seconds=30)
+    assert (again.item_id, again.attempts) == (item.item_id, 2)
+    state = await queue.message_state("m")
+    assert state["devices"][0]["reason"] == "TooManyRequests"
+
+
+async def test_expired_messages_are_never_leased(queue: QueueStore) -> None:
+    await push(queue, "short", 3, expiration=T0 + 10)
+    await push(queue, "other", 2, expiration=T0 + 10)
+    await push(queue, "long", 1, priority=1)
+    assert await queue.expire_due(T0 + 5) == 0
+    assert await queue.expire_due(T0 + 10) == 5
+    assert await lease_ids(queue, now=T0 + 11) == ["long"]
+    state = await queue.message_state("short")
+    assert state["state"] == "done"
+    assert state["states"]["expired"] == 3
+    assert state["outcomes"] == {"expired": 3}
+    # Without a sweep, lease itself refuses to hand out an expired message.
+    await push(queue, "lazy", 2, expiration=T0 + 20, now=T0 + 15)
+    assert await lease_ids(queue, now=T0 + 21) == []
+    assert (await queue.message_state("lazy"))["states"]["expired"] == 2
+
+
+async def test_ack_records_outcomes_once_and_settles_the_message(queue: QueueStore) -> None:
+    await push(queue, "m", 3)
+    a, b, c = await queue.lease(shard=0, owner="n1", limit=3, now=T0, lease_seconds=30)
+    results = [
+        ItemResult(a.item_id, "sent", "success", None, "apns-1"),
+        ItemResult(b.item_id, "dead", "token_dead", "Unregistered", "apns-2"),
+    ]
+    assert await queue.ack(results, now=T0 + 1) == 2
+    assert await queue.ack(results, now=T0 + 2) == 0  # already final: unchanged
+    assert (await queue.message_state("m"))["state"] == "active"
+    # c's lease ran out and was reclaimed, but the late ack still counts: no resend.
+    assert await queue.reclaim_expired_leases(T0 + 30) == 1
+    assert (
+        await queue.ack([ItemResult(c.item_id, "sent", "success", None, "apns-3")], now=T0 + 31)
+        == 1
+    )
+    assert await lease_ids(queue, now=T0 + 32) == []
+    state = await queue.message_state("m")
+    assert state["state"] == "done"
+    assert state["states"] == {
+        "queued": 0,
+        "leased": 0,
+        "sent": 2,
+        "failed": 0,
+        "expired": 0,
+        "skipped": 0,
+        "dead": 1,
+    }
+    assert state["outcomes"] == {"success": 2, "token_dead": 1}
+    assert {d["apns_id"] for d in state["devices"]} == {"apns-1", "apns-2", "apns-3"}
+    with pytest.raises(ValueError):
+        await queue.ack([ItemResult(a.item_id, "queued")], now=T0)  # type: ignore[arg-type]
+
+
+async def test_message_state_pages_per_device_outcomes(queue: QueueStore) -> None:
+    await push(queue, "m", 25)
+    pages = [await queue.message_state("m", page=p, page_size=10) for p in range(4)]
+    assert [len(p["devices"]) for p in pages] == [10, 10, 5, 0]
+    assert pages[0]["pages"] == 3
+    seen = [d["device_id"] for p in pages for d in p["devices"]]
+    assert seen == [f"m-{i:06d}" for i in range(25)]
+    assert pages[0]["states"]["queued"] == 25
+    with pytest.raises(UnknownMessage):
+        await queue.message_state("nope")
+
+
+async def test_enqueue_is_idempotent_and_needs_a_known_message(queue: QueueStore) -> None:
+    await push(queue, "m", 5)
+    assert await queue.enqueue("m", items("m", 8), now=T0) == 3
+    assert (await queue.counts())["items"]["queued"] == 8
+    message_row = await queue.get_message("m")
+    assert message_row is not None and message_row.enqueued == 8
+    with pytest.raises(UnknownMessage):
+        await queue.enqueue("missing", items("x", 1), now=T0)
+
+
+async def test_shards_are_leased_separately(queue: QueueStore) -> None:
+    await queue.create_message(message("m", audience=4))
+    await queue.enqueue("m", items("a", 2, shard=0) + items("b", 2, shard=1), now=T0)
+    assert await queue.next_ready_time(1) == T0
+    assert await queue.next_ready_time(7) is None
+    zero = await queue.lease(shard=0, owner="n0", limit=10, now=T0, lease_seconds=30)
+    one = await queue.lease(shard=1, owner="n1", limit=10, now=T0, lease_seconds=30)
+    assert [i.device_id for i in zero] == ["a-000000", "a-000001"]
+    assert [i.device_id for i in one] == ["b-000000", "b-000001"]
+
+
+async def test_everything_survives_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    async with open_store(path) as store:
+        queue = QueueStore(store)
+        await push(queue, "m", 10, expiration=T0 + 3600)
+        leased = await queue.lease(shard=0, owner="n1", limit=4, now=T0, lease_seconds=30)
+        await queue.ack([ItemResult(leased[0].item_id, "sent", "success", None, "id-0")], now=T0)
+        before = (await queue.counts(), await queue.message_state("m", page_size=100))
+    async with open_store(path) as store:
+        queue = QueueStore(store)
+        assert (await queue.counts(), await queue.message_state("m", page_size=100)) == before
+        assert before[0]["items"] == {
+            "queued": 6,
+            "leased": 3,
+            "sent": 1,
+            "failed": 0,
+            "expired": 0,
+            "skipped": 0,
+            "dead": 0,
+        }
+        reopened = await queue.get_message("m")
+        assert reopened == replace(message("m", audience=10, expiration=T0 + 3600), enqueued=10)
+        assert await queue.reclaim_expired_leases(T0 + 30) == 3
+        assert len(await lease_ids(queue, now=T0 + 31)) == 9
