@@ -76,16 +76,31 @@ class Conn:
         await self.stream.aclose()
 
 
-async def start(nursery: trio.Nursery, server: ControlServer) -> trio.CancelScope:
-    """Start ``server`` in its own cancel scope, so that a test can stop it."""
-    scope = trio.CancelScope()
+class Running:
+    """A server started in its own cancel scope, so that a test can stop it."""
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        with trio.fail_after(5):
+            await self.stopped.wait()
+
+
+async def start(nursery: trio.Nursery, server: ControlServer) -> Running:
+    running = Running()
 
     async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with scope:
-            await server.run(task_status=task_status)
+        try:
+            with running.scope:
+                await server.run(task_status=task_status)
+        finally:
+            running.stopped.set()
 
     await nursery.start(run)
-    return scope
+    return running
 
 
 @pytest.fixture
@@ -101,9 +116,11 @@ async def server(nursery: trio.Nursery, sock_path: Path) -> AsyncIterator[Contro
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(5):
-        while not predicate():
-            await trio.sleep(0.01)
+    for _ in range(500):  # a bounded poll: 5 s at most
+        if predicate():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("condition not reached within 5 s")
 
 
 # -- round trips ---------------------------------------------------------------------------
@@ -377,36 +394,36 @@ async def test_live_daemon_on_the_same_path_is_refused(server: ControlServer, so
 
 
 async def test_path_that_is_not_a_socket_is_left_alone(sock_path: Path) -> None:
-    sock_path.write_text("precious")
+    path = trio.Path(sock_path)
+    await path.write_text("precious")
     with pytest.raises(FileExistsError, match="not a socket"):
         await ControlServer(sock_path, HANDLERS).run()
-    assert sock_path.read_text() == "precious"
+    assert await path.read_text() == "precious"
 
 
 async def test_socket_file_removed_on_exit_only_if_still_ours(nursery: trio.Nursery, sock_path: Path) -> None:
-    scope = await start(nursery, ControlServer(sock_path, HANDLERS))
-    assert sock_path.exists()
-    scope.cancel()
-    await wait_until(lambda: not sock_path.exists())
+    path = trio.Path(sock_path)
+    running = await start(nursery, ControlServer(sock_path, HANDLERS))
+    assert await path.exists()
+    await running.stop()
+    assert not await path.exists()
 
-    scope = await start(nursery, ControlServer(sock_path, HANDLERS))
-    sock_path.unlink()
-    sock_path.write_text("someone else's")  # e.g. a newer daemon's socket took the path
-    scope.cancel()
-    await trio.sleep(0.05)
-    assert sock_path.read_text() == "someone else's"
+    running = await start(nursery, ControlServer(sock_path, HANDLERS))
+    await path.unlink()
+    await path.write_text("someone else's")  # e.g. a newer daemon's socket took the path
+    await running.stop()
+    assert await path.read_text() == "someone else's"
 
 
 # -- the client ----------------------------------------------------------------------------
 
 
 async def test_client_reconnects_once_after_a_daemon_restart(nursery: trio.Nursery, sock_path: Path) -> None:
-    scope = await start(nursery, ControlServer(sock_path, HANDLERS))
+    running = await start(nursery, ControlServer(sock_path, HANDLERS))
     client = Client(sock_path)
     try:
         before = await trio.to_thread.run_sync(client.call, "whoami")
-        scope.cancel()
-        await wait_until(lambda: not sock_path.exists())
+        await running.stop()
         await start(nursery, ControlServer(sock_path, HANDLERS))
         after = await trio.to_thread.run_sync(client.call, "whoami")
         assert after == before
