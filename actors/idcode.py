@@ -12,16 +12,19 @@ where the body is the msgpack array ``[message_id, device_id, user_id, class_id,
 and the tag is ``HMAC-SHA256(secret[kid], everything before the tag)``. The body is decoded
 only after the tag has been verified.
 
-Key ring config: ``{kid: secret}`` where a secret is hex (at least 32 bytes, i.e. 64 hex
-digits, as made by :func:`generate_secret`) or ``"file:/path"`` naming a file that holds the
-hex. Keys rotate by reload: add the new key, make it current, drop the old one once codes
-sealed with it have drained from the queue.
+Key ring config (``[codes]``): ``{kid: value}`` where a value is ``"hex:<secret>"`` (at least
+32 bytes, i.e. 64 hex digits, as made by :func:`generate_secret`) or ``"file:<path>"`` naming a
+file that holds the hex secret (relative paths resolve against ``base_dir``; with
+``create_missing`` a missing file is created with a fresh secret, mode 0600). Keys rotate by
+reload: add the new key, make it current, drop the old one once codes sealed with it have
+drained from the queue.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -117,9 +120,21 @@ class CodeKeys:
         self._current_prefix = _prefix(current)
 
     @classmethod
-    def from_config(cls, keys: Mapping[str, str], current: str) -> CodeKeys:
-        """Build from config: each secret is hex, or ``"file:/path"`` to a file holding hex."""
-        return cls({kid: _load_secret(kid, value) for kid, value in keys.items()}, current)
+    def from_config(
+        cls,
+        keys: Mapping[str, str],
+        current: str,
+        *,
+        base_dir: Path | None = None,
+        create_missing: bool = False,
+    ) -> CodeKeys:
+        """Build from config values ``"hex:<secret>"`` or ``"file:<path>"`` (see module docs).
+
+        Raises ValueError naming the key id (never showing the secret)."""
+        secrets_by_kid = {
+            kid: _load_secret(kid, value, base_dir, create_missing) for kid, value in keys.items()
+        }
+        return cls(secrets_by_kid, current)
 
     @property
     def current(self) -> str:
@@ -196,16 +211,36 @@ def _decode_body(body: bytes) -> IdCode:
         raise InvalidCode("malformed", str(exc)) from None
 
 
-def _load_secret(kid: str, value: str) -> bytes:
+def _load_secret(kid: str, value: str, base_dir: Path | None, create_missing: bool) -> bytes:
     if not isinstance(value, str):
-        raise ValueError(f"code key {kid!r}: expected a hex string or 'file:/path'")
-    if value.startswith("file:"):
+        raise ValueError(f"code key {kid!r}: expected 'hex:<secret>' or 'file:<path>'")
+    if value.startswith("hex:"):
+        encoded = value[len("hex:") :]
+    elif value.startswith("file:"):
         path = Path(value[len("file:") :])
-        try:
-            value = path.read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"code key {kid!r}: cannot read {str(path)!r}: {exc}") from None
-    if not _HEX.fullmatch(value):
+        if base_dir is not None:
+            path = base_dir / path  # an absolute path stays as it is
+        encoded = _read_secret_file(kid, path, create_missing)
+    else:
+        raise ValueError(f"code key {kid!r}: expected 'hex:<secret>' or 'file:<path>'")
+    if not _HEX.fullmatch(encoded):
         # Never echo the value: it is (meant to be) a secret.
         raise ValueError(f"code key {kid!r}: the secret is not hex (use generate_secret())")
-    return bytes.fromhex(value)
+    return bytes.fromhex(encoded)
+
+
+def _read_secret_file(kid: str, path: Path, create_missing: bool) -> str:
+    if create_missing:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # keep the existing secret
+        except OSError as exc:
+            raise ValueError(f"code key {kid!r}: cannot create {str(path)!r}: {exc}") from None
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as file:
+                file.write(generate_secret() + "\n")
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"code key {kid!r}: cannot read {str(path)!r}: {exc}") from None

@@ -216,28 +216,56 @@ def test_generate_secret() -> None:
     a, b = generate_secret(), generate_secret()
     assert a != b
     assert len(bytes.fromhex(a)) == 32
-    keys = CodeKeys.from_config({"k": a}, "k")
+    keys = CodeKeys.from_config({"k": f"hex:{a}"}, "k")
     assert keys.open(keys.seal(CODE)) == CODE
 
 
 def test_from_config_hex_and_file(tmp_path: Path) -> None:
-    secret_file = tmp_path / "k2.key"
-    secret_file.write_text(K2.hex() + "\n")
-    keys = CodeKeys.from_config({"k1": K1.hex().upper(), "k2": f"file:{secret_file}"}, "k2")
-    assert CodeKeys({"k1": K1, "k2": K2}, "k1").open(keys.seal(CODE)) == CODE
+    (tmp_path / "k2.key").write_text(K2.hex() + "\n")
+    absolute = tmp_path / "k3.key"
+    absolute.write_text(K1.hex())
+    keys = CodeKeys.from_config(
+        {"k1": f"hex:{K1.hex().upper()}", "k2": "file:k2.key", "k3": f"file:{absolute}"},
+        "k2",
+        base_dir=tmp_path,
+    )
+    assert CodeKeys({"k2": K2}, "k2").open(keys.seal(CODE)) == CODE
     assert keys.open(CodeKeys({"k1": K1}, "k1").seal(CODE)) == CODE
+    assert keys.open(CodeKeys({"k3": K1}, "k3").seal(CODE)) == CODE
+
+
+def test_from_config_creates_a_missing_key_file_once(tmp_path: Path) -> None:
+    first = CodeKeys.from_config(
+        {"k1": "file:k1.key"}, "k1", base_dir=tmp_path, create_missing=True
+    )
+    key_file = tmp_path / "k1.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert len(bytes.fromhex(key_file.read_text().strip())) == 32
+    again = CodeKeys.from_config(
+        {"k1": "file:k1.key"}, "k1", base_dir=tmp_path, create_missing=True
+    )
+    assert again.open(first.seal(CODE)) == CODE  # the existing secret was kept
+    with pytest.raises(ValueError, match=r"'k2'.*cannot read"):
+        CodeKeys.from_config({"k2": "file:k2.key"}, "k2", base_dir=tmp_path)  # not created
 
 
 def test_from_config_errors_name_the_key_and_hide_the_secret(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'k1'.*not hex") as info:
-        CodeKeys.from_config({"k1": "zz" * 32}, "k1")
+        CodeKeys.from_config({"k1": "hex:" + "zz" * 32}, "k1")
     assert "zz" not in str(info.value)
+    with pytest.raises(ValueError, match=r"'k1'.*'hex:<secret>' or 'file:<path>'") as info:
+        CodeKeys.from_config({"k1": K1.hex()}, "k1")  # no scheme
+    assert K1.hex() not in str(info.value)
     with pytest.raises(ValueError, match=r"'k1'.*not hex"):
-        CodeKeys.from_config({"k1": K1.hex()[:-1]}, "k1")  # odd length
+        CodeKeys.from_config({"k1": "hex:" + K1.hex()[:-1]}, "k1")  # odd length
     with pytest.raises(ValueError, match=r"'k1'.*16 bytes"):
-        CodeKeys.from_config({"k1": bytes(16).hex()}, "k1")
+        CodeKeys.from_config({"k1": "hex:" + bytes(16).hex()}, "k1")
     with pytest.raises(ValueError, match=r"'k2'.*cannot read"):
         CodeKeys.from_config({"k2": f"file:{tmp_path / 'missing'}"}, "k2")
+    with pytest.raises(ValueError, match=r"'k2'.*cannot create"):
+        CodeKeys.from_config(
+            {"k2": "file:no/such/dir.key"}, "k2", base_dir=tmp_path, create_missing=True
+        )
     with pytest.raises(ValueError, match="'k3'"):
         CodeKeys.from_config({"k3": 12345}, "k3")  # type: ignore[dict-item]
 
