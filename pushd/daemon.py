@@ -15,18 +15,20 @@ Lifecycle
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import structlog
 import trio
 
 from pushd import logs
 from pushd.config import Config, ConfigError, load_config, merge_for_reload
-from pushd.control import ControlServer, Peer
+from pushd.control import ControlServer, Peer, SocketInUse
 from pushd.protocol import ErrorCode, OpError
 from pushd.sdnotify import Notifier
 from pushd.supervisor import ActorEscalation, ActorHandle, RestartPolicy, Supervisor
@@ -82,11 +84,13 @@ class Daemon:
 
         cfg = self.config
         escalated: list[ActorEscalation] = []
+        refused: list[Exception] = []
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = acquire_instance_lock(cfg.state_dir / "pushd.lock")
         try:
             async with Pipeline.open(cfg) as pipeline, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._pipeline = pipeline
-                await self._pipeline.start(nursery, self.supervisor)
                 control = ControlServer(
                     cfg.socket_path,
                     self.handlers(),
@@ -97,7 +101,8 @@ class Daemon:
                     max_frame=cfg.control.max_frame,
                     max_connections=cfg.control.max_connections,
                 )
-                await nursery.start(control.run)
+                await nursery.start(control.run)  # refuses a live socket before any actor runs
+                await self._pipeline.start(nursery, self.supervisor)
                 nursery.start_soon(self._watchdog)
                 self._ready.set()
                 self.notifier.ready(self.status_line())
@@ -114,6 +119,12 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         except* ActorEscalation as group:
             escalated.extend(e for e in group.exceptions if isinstance(e, ActorEscalation))
+        except* SocketInUse as group:
+            refused.extend(e for e in group.exceptions if isinstance(e, SocketInUse))
+        finally:
+            lock.close()
+        if refused:
+            raise refused[0]
         if escalated:
             for exc in escalated:
                 log.critical("exiting: an actor keeps crashing", error=str(exc))
@@ -156,30 +167,10 @@ class Daemon:
         self.draining = True
         timeout = self.config.daemon.shutdown_timeout
         self.notifier.stopping(f"draining (up to {timeout:g}s)")
-        self.supervisor.request_stop_all()
-        with trio.move_on_after(timeout) as scope:
-            for handle in list(self.supervisor.actors.values()):
-                await handle.done.wait()
-        if scope.cancelled_caught:
-            left = [h.name for h in self.supervisor.actors.values() if not h.done.is_set()]
-            log.warning("shutdown_timeout reached; cancelling", actors=left)
-        else:
-            log.info("drained")
+        await drain(self.supervisor, timeout)
 
     async def _watchdog(self) -> None:
-        """WATCHDOG=1 only while every running actor's heartbeat is fresh; STATUS= too."""
-        period = self.notifier.watchdog_interval()
-        interval = min(period or 5.0, 5.0)
-        timeout = self.config.supervisor.heartbeat_timeout
-        while True:
-            stale = self.supervisor.stale(timeout)
-            if stale:
-                log.error("actors wedged; withholding watchdog ping", actors=stale)
-                self.notifier.status(f"wedged: {', '.join(stale)}")
-            else:
-                self.notifier.watchdog()
-                self.notifier.status(self.status_line())
-            await trio.sleep(interval)
+        await watchdog_loop(self.supervisor, self.notifier, self.config.supervisor.heartbeat_timeout, self.status_line)
 
     # -- reload ---------------------------------------------------------------------
 
@@ -221,7 +212,15 @@ class Daemon:
         }
         if self._pipeline is not None:
             ops.update(self._pipeline.handlers(self))
-        return ops
+        return {name: self._guard(h) for name, h in ops.items()}
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(args: dict[str, Any], peer: Peer) -> Any:
+            if not self._ready.is_set():
+                raise OpError(ErrorCode.UNAVAILABLE, "pushd is starting; try again shortly")
+            return await handler(args, peer)
+
+        return guarded
 
     async def _op_ping(self, args: dict[str, Any], peer: Peer) -> Any:
         return {"pong": True, "pid": os.getpid(), "version": _version()}
@@ -264,6 +263,70 @@ class Daemon:
         if self._pipeline is not None:
             text += "; " + self._pipeline.status_line()
         return text
+
+
+async def drain(supervisor: Supervisor, grace_period: float) -> list[str]:
+    """Ask every actor to stop and give them ``grace_period`` seconds to finish their
+    in-flight work. Returns the names of those still running (the caller cancels them)."""
+    supervisor.request_stop_all()
+    with trio.move_on_after(grace_period):
+        for handle in list(supervisor.actors.values()):
+            await handle.done.wait()
+    left = [h.name for h in supervisor.actors.values() if not h.done.is_set()]
+    if left:
+        log.warning("shutdown_timeout reached; cancelling", actors=left, grace_period=grace_period)
+    else:
+        log.info("drained")
+    return left
+
+
+async def watchdog_loop(
+    supervisor: Supervisor,
+    notifier: Notifier,
+    heartbeat_timeout: float,
+    status: Callable[[], str] = lambda: "running",
+) -> None:
+    """Send WATCHDOG=1 (and STATUS=) only while every running actor's heartbeat is
+    fresh: a wedged actor stops the pings, so systemd restarts the process."""
+    period = notifier.watchdog_interval()
+    interval = min(period or 5.0, 5.0, heartbeat_timeout / 2)
+    was_stale: list[str] = []
+    while True:
+        stale = supervisor.stale(heartbeat_timeout)
+        if stale:
+            if stale != was_stale:
+                log.error("actors wedged; withholding watchdog pings", actors=stale)
+                notifier.status(f"wedged: {', '.join(stale)}")
+        else:
+            notifier.watchdog()
+            notifier.status(status())
+        was_stale = stale
+        await trio.sleep(interval)
+
+
+class AlreadyRunning(Exception):
+    """Another pushd uses the same state directory."""
+
+
+def acquire_instance_lock(path: Path) -> IO[str]:
+    """An exclusive lock on ``path`` for the daemon's lifetime: two daemons must never
+    share one store. The lock dies with the process (SIGKILL included)."""
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise AlreadyRunning(
+            f"another pushd (pid {pid}) is running with state directory {path.parent}; "
+            "stop it first or give this one another daemon.state_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _version() -> str:

@@ -7,7 +7,7 @@ incarnation (state that must survive a crash lives in the store).
 
 A crash is an exception out of the actor's ``run`` or a return nobody asked for.  The
 actor is restarted after ``backoff_initial * 2**(n-1)`` seconds (capped at
-``backoff_max``, with full jitter in [50 %, 100 %]).  ``max_crashes`` crashes within
+``backoff_max``, with jitter in [50 %, 100 %]), n being its crashes within the window.  ``max_crashes`` crashes within
 ``crash_window`` seconds make ``supervise`` raise ``ActorEscalation``, which ends the
 daemon with a non-zero exit so that systemd restarts the whole process.  Each actor has
 its own ``supervise`` task, so a crash in one node never touches another.
@@ -148,7 +148,6 @@ class Supervisor:
         handle = ActorHandle(name)
         self.actors[name] = handle
         reported = False
-        consecutive = 0
         bound = structlog.get_logger("pushd.supervisor").bind(actor=name)
         try:
             with handle.scope:
@@ -162,7 +161,6 @@ class Supervisor:
                             ctx.heartbeat.beat()
                             handle.state = ActorState.RUNNING
                             handle.started_at = time.time()
-                            consecutive = 0
                             bound.debug("actor started", restarts=handle.restarts)
                             if not reported:
                                 reported = True
@@ -189,8 +187,9 @@ class Supervisor:
                             raise ActorEscalation(
                                 name, len(handle.crash_times), self.policy.crash_window, error
                             ) from exc
-                        consecutive += 1
-                        delay = self.backoff(consecutive)
+                        # Backoff grows with the crashes inside the window; an actor that
+                        # ran quietly for a whole window starts again from backoff_initial.
+                        delay = self.backoff(len(handle.crash_times))
                         handle.state = ActorState.BACKOFF
                         bound.error("actor crashed; restarting", error=error, delay=round(delay, 3), exc_info=exc)
                         with trio.move_on_after(delay):

@@ -1,0 +1,142 @@
+"""The daemon in-process: readiness, sd_notify order, reload (applied and rejected),
+control ops, and a second daemon refused on a live socket."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from pushd.client import Client, RequestFailed
+from pushd.config import load_config
+from pushd.control import SocketInUse
+from pushd.daemon import AlreadyRunning, Daemon
+from pushd.sdnotify import Notifier
+
+BASE = """
+[daemon]
+state_dir = "state"
+shutdown_timeout = 5.0
+[control]
+socket = "ctl.sock"
+[supervisor]
+heartbeat_interval = 0.2
+heartbeat_timeout = 5.0
+[nodes]
+count = {nodes}
+"""
+
+
+def write_config(root: Path, nodes: int = 2, extra: str = "") -> Path:
+    path = root / "pushd.toml"
+    path.write_text(BASE.format(nodes=nodes) + extra)
+    return path
+
+
+@asynccontextmanager
+async def running(config_path: Path, notifier: Notifier | None = None) -> AsyncIterator[Daemon]:
+    daemon = Daemon(load_config(config_path), notifier=notifier or Notifier(None))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.request_stop()
+
+
+async def call(path: Path, op: str, **args: object) -> object:
+    def do() -> object:
+        with Client(path, timeout=5) as client:
+            return client.call(op, **args)
+
+    return await trio.to_thread.run_sync(do)
+
+
+def datagrams(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+async def test_notify_order_ready_reloading_stopping(short_tmp: Path) -> None:
+    notify_path = short_tmp / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.setblocking(False)
+    cfg = write_config(short_tmp)
+    notifier = Notifier.from_environ({"NOTIFY_SOCKET": str(notify_path)})
+    async with running(cfg, notifier) as daemon:
+        states = {a["state"] for a in daemon.supervisor.describe()}
+        assert states == {"running"}
+        await call(short_tmp / "ctl.sock", "reload")
+    got = datagrams(sock)
+    kinds = [next(line for line in d.splitlines() if "=" in line).split("=")[0] for d in got]
+    firsts = [k for k in kinds if k in ("READY", "RELOADING", "STOPPING")]
+    assert firsts[:4] == ["READY", "RELOADING", "READY", "STOPPING"], got
+    ready = next(d for d in got if d.startswith("READY=1"))
+    assert "STATUS=5/5 actors running" in ready
+    reloading = next(d for d in got if d.startswith("RELOADING=1"))
+    assert "MONOTONIC_USEC=" in reloading
+    sock.close()
+
+
+async def test_reload_applies_node_count_and_rejects_an_invalid_file(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp, nodes=2)
+    ctl = short_tmp / "ctl.sock"
+    async with running(cfg) as daemon:
+        cfg.write_text(BASE.format(nodes=3) + "[daemon.extra]\n")  # invalid: unknown table
+        with pytest.raises(RequestFailed) as info:
+            await call(ctl, "reload")
+        assert info.value.code == "invalid_argument"
+        assert "daemon.extra" in info.value.message and str(cfg) in info.value.message
+        assert daemon.config.nodes.count == 2
+
+        write_config(short_tmp, nodes=3)
+        result = await call(ctl, "reload")
+        assert result == {"ok": True, "changed": ["nodes.count"], "restart_required": []}
+        status = await call(ctl, "status")
+        assert isinstance(status, dict)
+        assert [a["name"] for a in status["actors"]][-3:] == ["node-0", "node-1", "node-2"]
+
+        write_config(short_tmp, nodes=1, extra='[storage]\npath = "elsewhere.db"\n')
+        result = await call(ctl, "reload")
+        assert result == {"ok": True, "changed": ["nodes.count"], "restart_required": ["storage.path"]}
+        status = await call(ctl, "status")
+        assert isinstance(status, dict)
+        assert [a["name"] for a in status["actors"] if a["name"].startswith("node")] == ["node-0"]
+        assert daemon.config.storage.path == "pushd.sqlite3"
+
+
+async def test_second_daemon_is_refused(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp)
+    async with running(cfg):
+        # Same state directory: the instance lock refuses it before it touches the store.
+        with pytest.raises(AlreadyRunning, match="another pushd"):
+            await Daemon(load_config(cfg), notifier=Notifier(None)).run()
+        # Another state directory but the same live socket: refused, no actor started.
+        (short_tmp / "b").mkdir()
+        other_cfg = load_config(write_config(short_tmp / "b"))
+        other_cfg = other_cfg.model_copy(
+            update={"control": other_cfg.control.model_copy(update={"socket": str(short_tmp / "ctl.sock")})}
+        )
+        other = Daemon(other_cfg, notifier=Notifier(None))
+        with pytest.raises(SocketInUse, match="in use"):
+            await other.run()
+        assert other.supervisor.actors == {}
+        assert (await call(short_tmp / "ctl.sock", "ping"))["pong"] is True  # type: ignore[index]
+
+
+async def test_stats_and_status_ops(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp)
+    async with running(cfg):
+        stats = await call(short_tmp / "ctl.sock", "stats")
+        assert isinstance(stats, dict) and stats["restarts"] == 0
+        status = await call(short_tmp / "ctl.sock", "status")
+        assert isinstance(status, dict) and status["draining"] is False
