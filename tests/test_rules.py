@@ -4,6 +4,8 @@ import tomllib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors.rules import ClassDef, Classifier, Record, RuleError, compile_rule
 
@@ -205,6 +207,67 @@ NO = cond("device.locale", prefix="fr")
 )
 def test_combinators(spec: Any, expected: bool) -> None:
     assert matches(spec) is expected
+
+
+# Trees of "always"/"never" under all/any/not, checked against a direct evaluation.
+trees = st.recursive(
+    st.sampled_from(["always", "never"]),
+    lambda children: st.one_of(
+        st.lists(children, min_size=1, max_size=4).map(lambda c: {"all": c}),
+        st.lists(children, min_size=1, max_size=4).map(lambda c: {"any": c}),
+        children.map(lambda c: {"not": c}),
+    ),
+    max_leaves=12,
+)
+
+
+def evaluate(tree: Any) -> bool:
+    if tree == "always":
+        return True
+    if tree == "never":
+        return False
+    if "all" in tree:
+        return all(evaluate(child) for child in tree["all"])
+    if "any" in tree:
+        return any(evaluate(child) for child in tree["any"])
+    return not evaluate(tree["not"])
+
+
+@settings(derandomize=True, database=None)
+@given(trees)
+def test_combinator_trees(tree: Any) -> None:
+    assert matches(tree) is evaluate(tree)
+
+
+# Release versions, possibly shortened ("3", "3.2"), against plain tuple order.
+versions = st.lists(st.integers(min_value=0, max_value=30), min_size=1, max_size=3)
+
+
+def as_text(parts: list[int]) -> str:
+    return ".".join(map(str, parts))
+
+
+def as_tuple(parts: list[int]) -> tuple[int, ...]:
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+@settings(derandomize=True, database=None)
+@given(versions, versions)
+def test_semver_order_matches_numeric_order(value: list[int], bound: list[int]) -> None:
+    record = {"device.os_version": as_text(value)}
+    v, b = as_tuple(value), as_tuple(bound)
+    expected = {
+        "semver_lt": v < b,
+        "semver_le": v <= b,
+        "semver_gt": v > b,
+        "semver_ge": v >= b,
+        "semver_eq": v == b,
+    }
+    for op, result in expected.items():
+        assert (
+            compile_rule(cond("device.os_version", **{op: as_text(bound)})).matches(record)
+            is result
+        )
 
 
 # --- strict compilation ------------------------------------------------------------------
