@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage or help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Command = ns._command
-    as_json = getattr(ns, "json", False) or not sys.stdout.isatty()
+    as_json = getattr(ns, "json", False) or not _stdout_is_terminal()
     try:
         socket_path = resolve_socket(ns)
         args = command.build_args(ns)
@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             text += f" ({(time.monotonic() - started) * 1000:.1f} ms)"
         _print(sys.stdout, text)
     return EXIT_OK
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _print(stream: TextIO, text: str) -> None:
