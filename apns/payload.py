@@ -153,31 +153,34 @@ def _check_zero_or_one(value: object, path: str) -> None:
         _fail(path, "must be 0 or 1")
 
 
-def _check_json(value: object, path: str) -> None:
-    """Check that ``value`` is made of JSON types only (finite numbers, string keys)."""
+def _plain_json(value: object, path: str) -> Any:
+    """A validated copy of ``value`` made of plain JSON types (dict, list, str, finite
+    numbers, bool, None; string keys). Tuples become lists, mappings become dicts, so
+    equal content compares equal and later changes to the caller's objects do not leak in.
+    """
     if value is None or isinstance(value, str | bool) or _is_int(value):
-        return
+        return value
     if type(value) is float:
         if not math.isfinite(value):
             _fail(path, "must be a finite number")
-        return
+        return value
     if isinstance(value, Mapping):
+        out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 _fail(path, f"keys must be strings, got {type(key).__name__}")
-            _check_json(item, f"{path}.{key}")
-        return
+            out[key] = _plain_json(item, f"{path}.{key}")
+        return out
     if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_json(item, f"{path}[{i}]")
-        return
+        return [_plain_json(item, f"{path}[{i}]") for i, item in enumerate(value)]
     _fail(path, f"must be a JSON value, got {type(value).__name__}")
 
 
-def _check_json_map(value: object, path: str) -> None:
+def _plain_json_map(value: object, path: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         _fail(path, "must be a map")
-    _check_json(value, path)
+    result: dict[str, Any] = _plain_json(value, path)
+    return result
 
 
 def _as_map(value: object, path: str) -> Mapping[str, Any]:
@@ -406,9 +409,13 @@ class Aps:
             if value is not None:
                 _check_unix_time(value, f"aps.{key}")
         if self.content_state is not None:
-            _check_json_map(self.content_state, "aps.content-state")
+            object.__setattr__(
+                self, "content_state", _plain_json_map(self.content_state, "aps.content-state")
+            )
         if self.attributes is not None:
-            _check_json_map(self.attributes, "aps.attributes")
+            object.__setattr__(
+                self, "attributes", _plain_json_map(self.attributes, "aps.attributes")
+            )
         if self.event is not None and self.event not in _EVENTS:
             _fail("aps.event", f"must be one of {', '.join(_EVENTS)}")
         if self.input_push_token is not None and (
@@ -427,8 +434,6 @@ class Aps:
                 continue
             if isinstance(value, Alert | Sound):
                 value = value.to_dict()
-            elif isinstance(value, Mapping):
-                value = dict(value)
             out[key] = value
         return out
 
@@ -529,7 +534,7 @@ class Notification:
                 object.__setattr__(self, "push_type", PushType(self.push_type))
             except ValueError:
                 _fail("push_type", f"must be one of {_PUSH_TYPE_NAMES}")
-        _check_json_map(self.custom, "custom")
+        object.__setattr__(self, "custom", _plain_json_map(self.custom, "custom"))
         if "aps" in self.custom:
             _fail("custom.aps", "'aps' is reserved")
         push_type = self.push_type
