@@ -10,9 +10,9 @@ Library code that logs through the standard ``logging`` module is routed to
 the same stream and format, at WARNING and above.
 
 Device tokens and keys must never reach the log in full, even by mistake: a
-redaction processor shortens values of sensitive keys, long hex runs (device
-tokens, key ids, digests ≥ 32 hex digits) and PEM blocks wherever they appear
-in a string value.
+redaction processor shortens values of sensitive keys (``token``, ``key``,
+``*_secret``, ...), and wherever they appear in a string value: long hex runs
+(device tokens, digests: ≥ 32 hex digits), PEM blocks and JWTs.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ _METHOD_LEVELS: dict[str, int] = {
 SENSITIVE_KEYS = frozenset(
     {"token", "device_token", "authorization", "key", "secret", "password", "p8"}
 )
+SENSITIVE_SUFFIXES = ("_token", "_secret", "_password")
 # Keys whose value may be identified by a short prefix (a device token); the
 # others (secrets) show none of their content.
 _PREFIX_KEYS = frozenset({"token", "device_token"})
@@ -60,6 +61,8 @@ _PEM_BLOCK = re.compile(
     r"-----BEGIN ([A-Z0-9 ]+)-----.*?(?:-----END \1-----|\Z)",
     re.DOTALL,
 )
+# A JWT (e.g. the APNs provider token): a bearer credential for up to an hour.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+")
 _MAX_DEPTH = 4
 
 
@@ -109,14 +112,16 @@ def _redact_pem(match: re.Match[str]) -> str:
     return f"-----BEGIN {match.group(1)}-----…({len(match.group(0))})"
 
 
-def _redact_hex(match: re.Match[str]) -> str:
+def _redact_match(match: re.Match[str]) -> str:
     return redact(match.group(0))
 
 
 def _scrub_str(value: str) -> str:
     if "-----BEGIN " in value:
         value = _PEM_BLOCK.sub(_redact_pem, value)
-    return _HEX_RUN.sub(_redact_hex, value)
+    if "eyJ" in value:
+        value = _JWT.sub(_redact_match, value)
+    return _HEX_RUN.sub(_redact_match, value)
 
 
 def _scrub(value: Any, depth: int) -> Any:
@@ -132,7 +137,8 @@ def _scrub(value: Any, depth: int) -> Any:
 
 
 def _scrub_item(key: object, value: Any, depth: int) -> Any:
-    if isinstance(key, str) and key.lower() in SENSITIVE_KEYS:
+    name = key.lower() if isinstance(key, str) else ""
+    if name in SENSITIVE_KEYS or name.endswith(SENSITIVE_SUFFIXES):
         if value is None:
             return None
         if isinstance(value, bytes | bytearray):
@@ -141,7 +147,8 @@ def _scrub_item(key: object, value: Any, depth: int) -> Any:
             text = value
         else:
             text = str(value)
-        return redact(text, keep=8 if key.lower() in _PREFIX_KEYS else 0)
+        keep = 8 if name in _PREFIX_KEYS or name.endswith("_token") else 0
+        return redact(text, keep=keep)
     return _scrub(value, depth)
 
 

@@ -215,3 +215,23 @@ def test_stdlib_records_are_redacted() -> None:
     logging.getLogger("h2").warning("stream for %s reset", TOKEN)
     assert TOKEN not in buf.getvalue()
     assert lines(buf)[0]["event"] == "stream for a1b2c3d4…(64) reset"
+
+
+def test_jwts_and_suffixed_keys_are_redacted() -> None:
+    jwt = "eyJhbGciOiJFUzI1NiIsImtpZCI6IkFCQzEyM0RFRkcifQ.eyJpc3MiOiJERUYxMjNHSElKIn0.c2lnbmF0dXJl"
+    buf = io.StringIO()
+    configure_logging("info", "json", buf)
+    structlog.get_logger().info(
+        f"refreshed provider token {jwt}",
+        push_token="0123abcd",
+        client_secret="topsecret",
+        cert_password="pw123456",
+        key_id="ABC123DEFG",
+    )
+    (event,) = lines(buf)
+    assert jwt not in buf.getvalue()
+    assert event["event"] == f"refreshed provider token eyJhbGci…({len(jwt)})"
+    assert event["push_token"] == "0123…(8)"
+    assert event["client_secret"] == "…(9)"
+    assert event["cert_password"] == "…(8)"
+    assert event["key_id"] == "ABC123DEFG"  # an identifier, not a secret
