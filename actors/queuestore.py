@@ -285,7 +285,7 @@ class QueueStore:
                 """UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
                        attempts = attempts + 1, updated_at = ?
                    WHERE item_id IN (
-                       SELECT item_id FROM items
+                       SELECT item_id FROM items INDEXED BY items_ready
                        WHERE shard = ? AND state = 'queued' AND not_before <= ?
                        ORDER BY rank LIMIT ?)
                    RETURNING item_id, message_id, device_id, shard, idcode, priority,
