@@ -116,7 +116,7 @@ class Client:
 
     # -- machinery ---------------------------------------------------------------------
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, /, **args: Any) -> Any:
         """Send one request and return its result; RequestFailed on an error reply,
         ConnectionFailed if the daemon cannot be reached or does not answer in time."""
         with self._lock:

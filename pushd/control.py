@@ -121,6 +121,14 @@ class ControlServer:
         self.total_connections = 0
         self.requests_served = 0
 
+    def stats(self) -> dict[str, int]:
+        """Counters for the daemon's ``stats`` op."""
+        return {
+            "connections_active": self.active_connections,
+            "connections_total": self.total_connections,
+            "requests": self.requests_served,
+        }
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, listen and serve until cancelled; removes the socket file on exit.
 

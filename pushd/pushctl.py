@@ -26,6 +26,7 @@ EXIT_OK = 0
 EXIT_ERROR_REPLY = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionFailed as exc:
         print(f"pushctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except RequestFailed as exc:
         if as_json:
             _print(sys.stdout, _to_json({"error": {

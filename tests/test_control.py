@@ -281,6 +281,18 @@ async def test_client_vanishing_mid_request_does_not_disturb_the_server(
     assert "result" in await (await Conn.open(sock_path)).request("ping")
 
 
+async def test_oversized_request_from_the_client_is_reported(server: ControlServer, sock_path: Path) -> None:
+    def talk() -> tuple[RequestFailed, Any]:
+        with Client(sock_path) as client:
+            with pytest.raises(RequestFailed) as info:
+                client.call("whoami", blob=b"x" * (4 << 20))
+            return info.value, client.call("whoami", blob=b"x" * 1000)
+
+    err, ok = await trio.to_thread.run_sync(talk)
+    assert err.code == "frame_too_large"
+    assert ok["args"]["blob"] == b"x" * 1000
+
+
 # -- limits --------------------------------------------------------------------------------
 
 
@@ -298,6 +310,7 @@ async def test_extra_connections_are_refused_politely(nursery: trio.Nursery, soc
     assert "result" in await first.request("ping")
     await first.aclose()
     await wait_until(lambda: server.active_connections == 1)
+    assert server.stats() == {"connections_active": 1, "connections_total": 3, "requests": 3}
     assert "result" in await (await Conn.open(sock_path)).request("ping")
 
 
