@@ -189,6 +189,14 @@ def _as_map(value: object, path: str) -> Mapping[str, Any]:
     return value
 
 
+def _compact_repr(obj: object, keys: tuple[tuple[str, str], ...]) -> str:
+    """``Name(a=1, b='x')`` with only the attributes that are set."""
+    args = ", ".join(
+        f"{attr}={value!r}" for attr, _ in keys if (value := getattr(obj, attr)) is not None
+    )
+    return f"{type(obj).__name__}({args})"
+
+
 def _list_to_tuple(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
@@ -197,7 +205,7 @@ def _list_to_tuple(value: object) -> object:
 # the aps dictionary
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class Alert:
     """The dictionary form of ``aps.alert`` (A-GEN Table 2)."""
 
@@ -240,6 +248,9 @@ class Alert:
                 _fail(path, "must be a string")
         if not present:
             _fail("aps.alert", "must not be empty")
+
+    def __repr__(self) -> str:
+        return _compact_repr(self, self.KEYS)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Alert:
@@ -313,7 +324,7 @@ _LIVE_ACTIVITY_KEYS = (
 )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, repr=False)
 class Aps:
     """The ``aps`` dictionary (A-GEN Table 1, A-LA, A-WK). ``None`` means absent."""
 
@@ -441,6 +452,9 @@ class Aps:
         """The JSON keys that are set, in output order."""
         return list(self._json)
 
+    def __repr__(self) -> str:
+        return _compact_repr(self, self.KEYS)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Aps:
         kwargs: dict[str, Any] = {}
@@ -543,7 +557,7 @@ class Notification:
             if not _is_int(self.priority) or self.priority not in allowed:
                 _fail(
                     "priority",
-                    f"must be {' or '.join(map(str, allowed))} for a {push_type.value} push",
+                    f"must be {' or '.join(map(str, allowed))} for {push_type.value} pushes",
                 )
         if self.expiration is not None:
             _check_unix_time(self.expiration, "expiration")

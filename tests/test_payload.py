@@ -133,7 +133,7 @@ def test_priority_values(priority: object) -> None:
 def test_background_priority_10_is_an_error() -> None:
     with pytest.raises(InvalidNotification) as info:
         Notification.from_dict(make(PushType.BACKGROUND, priority=10))
-    assert str(info.value) == "priority: must be 5 for a background push"
+    assert str(info.value) == "priority: must be 5 for background pushes"
 
 
 # --- sizes --------------------------------------------------------------------
@@ -552,6 +552,11 @@ def test_direct_construction_validates() -> None:
         Sound(name="a", volume=2)
     with pytest.raises(InvalidNotification, match=r"^aps: "):
         Notification(aps={"alert": "x"}, topic=TOPIC)  # type: ignore[arg-type]
+
+
+def test_compact_repr() -> None:
+    aps = Aps(alert=Alert(title="T"), badge=2)
+    assert repr(aps) == "Aps(alert=Alert(title='T'), badge=2)"
 
 
 def test_invalid_notification_pickles() -> None:
