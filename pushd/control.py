@@ -270,7 +270,10 @@ class ControlServer:
                 return
 
     async def _dispatch(self, obj: Any, peer: Peer, logger: Any) -> bytes:
+        """Run one request through its handler; always returns an encoded reply frame."""
+        self.requests_served += 1
         request_id = request_id_of(obj)
+        op = obj.get("op") if isinstance(obj, dict) else None
         try:
             request = Request.parse(obj)
             handler = self.handlers.get(request.op)
@@ -282,18 +285,22 @@ class ControlServer:
                     details={"ops": sorted(self.handlers)},
                 )
             result = await handler(request.args, peer)
-            reply = encode_frame(ok_reply(request_id, result))
+            # Encoding happens here so that an unencodable result is an INTERNAL error too.
+            return encode_frame(ok_reply(request_id, result))
         except OpError as err:
-            reply = encode_frame(error_reply(request_id, err))
+            try:
+                return encode_frame(error_reply(request_id, err))
+            except Exception as exc:  # e.g. details that msgpack cannot encode
+                return self._internal_error(request_id, op, exc, logger)
         except Exception as exc:
-            op = obj.get("op") if isinstance(obj, dict) else None
-            logger.exception("control op failed", op=op)
-            reply = encode_frame(error_reply(request_id, OpError(
-                ErrorCode.INTERNAL,
-                f"internal error ({type(exc).__name__}); see the daemon log",
-            )))
-        self.requests_served += 1
-        return reply
+            return self._internal_error(request_id, op, exc, logger)
+
+    def _internal_error(self, request_id: int | str | None, op: Any, exc: Exception, logger: Any) -> bytes:
+        logger.error("control op failed", op=op, exc_info=exc)
+        return encode_frame(error_reply(request_id, OpError(
+            ErrorCode.INTERNAL,
+            f"internal error ({type(exc).__name__}); see the daemon log",
+        )))
 
     async def _send(self, stream: trio.SocketStream, reply: bytes | dict[str, Any]) -> bool:
         """Send one reply; False if the peer did not take it within ``idle_timeout``."""

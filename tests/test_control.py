@@ -35,13 +35,17 @@ async def unencodable(args: dict[str, Any], peer: Peer) -> Any:
     return {"when": object()}
 
 
+async def unencodable_error(args: dict[str, Any], peer: Peer) -> Any:
+    raise OpError(ErrorCode.CONFLICT, "busy", details={"lock": object()})
+
+
 async def hang(args: dict[str, Any], peer: Peer) -> Any:
     await trio.sleep_forever()
 
 
 HANDLERS: dict[str, Handler] = {
     "ping": ping, "boom": boom, "refuse": refuse, "whoami": whoami,
-    "unencodable": unencodable, "hang": hang,
+    "unencodable": unencodable, "unencodable_error": unencodable_error, "hang": hang,
 }
 
 
@@ -213,9 +217,9 @@ async def test_handler_crash_is_internal_logged_and_served_on(
     failures = [e for e in logs if e["event"] == "control op failed"]
     assert len(failures) == 1
     assert failures[0]["op"] == "boom" and failures[0]["log_level"] == "error"
-    assert failures[0].get("exc_info") is True
-    unencodable_reply = await conn.request("unencodable")
-    assert unencodable_reply["error"]["code"] == "internal"
+    assert isinstance(failures[0]["exc_info"], ZeroDivisionError)  # logged with its traceback
+    for op in ("unencodable", "unencodable_error"):
+        assert (await conn.request(op))["error"]["code"] == "internal"
     assert (await conn.request("ping"))["result"]["pong"] is True
 
 
