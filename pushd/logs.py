@@ -21,11 +21,11 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 __all__ = ["configure_logging", "redact", "redact_event", "set_level"]
 
@@ -38,14 +38,17 @@ _LEVELS: dict[str, int] = {
     "critical": logging.CRITICAL,
 }
 
-# structlog passes the method name to processors; these are the names a
-# FilteringBoundLogger uses (msg/fatal/warn/exception are mapped onto them).
+# The level methods of a FilteringBoundLogger (``exception`` goes through
+# ``error``).
 _METHOD_LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
+    "msg": logging.INFO,
     "warning": logging.WARNING,
+    "warn": logging.WARNING,
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
 }
 
 SENSITIVE_KEYS = frozenset(
@@ -67,19 +70,56 @@ _MAX_DEPTH = 4
 
 
 class _LevelGate:
-    """The minimum level, shared by the processor chain and stdlib logging."""
+    """The minimum level, read by every bound logger and by stdlib logging."""
 
     def __init__(self) -> None:
         self.level = logging.INFO
         self.stdlib_handler: logging.Handler | None = None
 
-    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-        if _METHOD_LEVELS.get(method_name, logging.INFO) < self.level:
-            raise structlog.DropEvent
-        return event_dict
-
 
 _gate = _LevelGate()
+
+
+def _make_gated_logger_class() -> type[FilteringBoundLogger]:
+    """structlog's FilteringBoundLogger, with the level test made at call time.
+
+    ``make_filtering_bound_logger(level)`` bakes the level into the class, so
+    cached loggers never see a change. This subclass of the DEBUG variant
+    compares against ``_gate.level`` first: a dropped call costs one integer
+    comparison, before any event dict is built. Everything else (binding,
+    interpolation, ``exception``) is structlog's own.
+    """
+    base = structlog.make_filtering_bound_logger(logging.DEBUG)
+
+    def gate(name: str, level: int) -> Callable[..., Any]:
+        inner = getattr(base, name)
+
+        def meth(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+            if level < _gate.level:
+                return None
+            return inner(self, event, *args, **kw)
+
+        async def ameth(self: Any, event: str, *args: Any, **kw: Any) -> Any:
+            if level < _gate.level:
+                return None
+            return await inner(self, event, *args, **kw)
+
+        return ameth if name.startswith("a") else meth
+
+    def log(self: Any, level: int, event: str, *args: Any, **kw: Any) -> Any:
+        if level < _gate.level:
+            return None
+        return base.log(self, level, event, *args, **kw)
+
+    methods: dict[str, Any] = {"log": log}
+    for name, level in _METHOD_LEVELS.items():
+        methods[name] = gate(name, level)
+        methods["a" + name] = gate("a" + name, level)
+    # `exception` calls self.error, which is gated; alog is asyncio-only.
+    return type("PushdBoundLogger", (base,), methods)
+
+
+_GatedLogger = _make_gated_logger_class()
 
 
 def _parse_level(level: str) -> int:
@@ -117,6 +157,8 @@ def _redact_match(match: re.Match[str]) -> str:
 
 
 def _scrub_str(value: str) -> str:
+    if len(value) < 32:  # too short for any pattern below: the common case
+        return value
     if "-----BEGIN " in value:
         value = _PEM_BLOCK.sub(_redact_pem, value)
     if "eyJ" in value:
@@ -198,10 +240,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO = s
         )
 
     structlog.configure(
-        # The gate only looks at the method name, so it runs before anything
-        # builds the event: a dropped debug line costs one dict lookup.
-        processors=[_gate, *shared, *tail, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        processors=[*shared, *tail, renderer],
+        wrapper_class=_GatedLogger,
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         context_class=dict,
         cache_logger_on_first_use=True,

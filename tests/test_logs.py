@@ -95,9 +95,17 @@ def test_set_level_changes_filtering_of_existing_loggers() -> None:
     set_level("ERROR")
     log.warning("w1")
     log.error("e1")
+    log.warn("w2")
+    log.msg("m1")
+    log.log(logging.INFO, "l1")
     log.exception("x1")
     log.critical("c1")
-    assert [e["event"] for e in lines(buf)] == ["i1", "d2", "e1", "x1", "c1"]
+    log.fatal("f1")
+    log.log(logging.ERROR, "l2")
+    set_level("warning")
+    log.warn("w3")
+    assert [e["event"] for e in lines(buf)] == ["i1", "d2", "e1", "x1", "c1", "f1", "l2", "w3"]
+    assert [e["level"] for e in lines(buf)][-4:] == ["critical", "critical", "error", "warning"]
 
 
 def test_set_level_rejects_unknown_and_keeps_level() -> None:
