@@ -135,7 +135,11 @@ def set_level(level: str) -> None:
     """Change the minimum level at runtime; ValueError for an unknown name."""
     number = _parse_level(level)
     _gate.level = number
-    logging.getLogger().setLevel(max(number, logging.WARNING))
+    stdlib_level = max(number, logging.WARNING)
+    logging.getLogger().setLevel(stdlib_level)
+    if _gate.stdlib_handler is not None:
+        # Also on the handler: a library may lower its own logger's level.
+        _gate.stdlib_handler.setLevel(stdlib_level)
 
 
 def redact(value: str, keep: int = 8) -> str:

@@ -132,6 +132,9 @@ def test_stdlib_logging_routed_at_warning_and_above() -> None:
     structlog.contextvars.bind_contextvars(node="n2")
     lib = logging.getLogger("some.library")
     lib.info("chatty")
+    noisy = logging.getLogger("noisy.library")
+    noisy.setLevel(logging.DEBUG)  # libraries do this; still WARNING+ only
+    noisy.info("chatty too")
     lib.warning("careful %s", "now")
     (event,) = lines(buf)
     assert event["event"] == "careful now"
@@ -142,6 +145,7 @@ def test_stdlib_logging_routed_at_warning_and_above() -> None:
     lib.warning("dropped")
     lib.error("kept")
     assert [e["event"] for e in lines(buf)] == ["careful now", "kept"]
+    noisy.setLevel(logging.NOTSET)
 
 
 def test_reconfigure_does_not_duplicate_stdlib_output() -> None:
