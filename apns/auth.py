@@ -254,8 +254,11 @@ def make_ssl_context(
             _load_pkcs12(ctx, client_cert, password)
         else:
             try:
+                # a callable, so that OpenSSL never prompts on a terminal for a missing password
                 ctx.load_cert_chain(
-                    client_cert, str(client_key) if client_key else None, password=password
+                    client_cert,
+                    str(client_key) if client_key else None,
+                    password=lambda: password or "",
                 )
             except (OSError, ssl.SSLError) as e:
                 raise CredentialsError(

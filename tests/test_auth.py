@@ -427,6 +427,16 @@ def test_pem_client_certificate(pki: Pki, tmp_path: Path) -> None:
     assert server.getpeercert()
     with pytest.raises(CredentialsError, match=r"client\.crt"):
         make_ssl_context(client_cert=cert, client_key=key, password="nope")
+    with pytest.raises(CredentialsError, match=r"client\.crt"):
+        make_ssl_context(client_cert=cert, client_key=key)  # no password: no prompt, an error
+    # key and certificate in one file, unencrypted
+    both = tmp_path / "both.pem"
+    both.write_bytes(_pem(pki.client_key) + cert.read_bytes())
+    _, server = handshake(
+        make_ssl_context(ca_file=pki.ca_file, client_cert=both),
+        pki.server_context(require_client_cert=True),
+    )
+    assert server.getpeercert()
 
 
 def test_credential_errors(tmp_path: Path) -> None:

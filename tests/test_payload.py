@@ -559,6 +559,12 @@ def test_compact_repr() -> None:
     assert repr(aps) == "Aps(alert=Alert(title='T'), badge=2)"
 
 
+def test_notification_pickles() -> None:
+    n = Notification.from_dict(make(PushType.LIVEACTIVITY, custom={"a": [1]}))
+    again = pickle.loads(pickle.dumps(n))
+    assert again == n and again.encode() == n.encode()
+
+
 def test_invalid_notification_pickles() -> None:
     e = pickle.loads(pickle.dumps(InvalidNotification("aps.badge", "bad")))
     assert (e.field, e.message, str(e)) == ("aps.badge", "bad", "aps.badge: bad")
