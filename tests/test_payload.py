@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from typing import Any
@@ -619,3 +620,13 @@ def test_caller_changes_do_not_leak_in() -> None:
     fresh = Notification.from_dict(n.to_dict())
     assert fresh.encode().body == body
     assert fresh == n
+
+
+def test_replace_revalidates_and_reencodes() -> None:
+    n = Notification.from_dict(make())
+    assert n.encode().apns_id is None
+    changed = dataclasses.replace(n, apns_id=UUID, priority=5)
+    assert changed.encode().apns_id == UUID
+    assert dict(changed.encode().headers)[b"apns-priority"] == b"5"
+    with pytest.raises(InvalidNotification, match=r"^priority: "):
+        dataclasses.replace(n, push_type=PushType.BACKGROUND, priority=10)
