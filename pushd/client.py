@@ -130,7 +130,9 @@ class Client:
             except BaseException:
                 self._close()  # the stream is out of step with our requests now
                 raise
-            if reply.id is not None and reply.id != request_id:
+            if reply.id is None:
+                self._close()  # a connection-level error: the daemon is hanging up
+            elif reply.id != request_id:
                 self._close()
                 raise ConnectionFailed(
                     self.path, f"reply id {reply.id!r} does not match request id {request_id}"
@@ -171,34 +173,36 @@ class Client:
         return sock
 
     def _send(self, frame: bytes, deadline: float) -> socket.socket:
-        """Send ``frame`` on the current connection, replacing it once if the daemon closed it
-        (e.g. it restarted) before the request could reach it."""
-        fresh = self._sock is None or _peer_closed_or_talking(self._sock)
-        if fresh:
-            self._close()
-            sock = self._connect(deadline)
-        else:
+        """Send ``frame``, on the current connection if it is still good. If the daemon hung up
+        on a reused connection (it restarted, or closed it as idle) before the request could
+        reach it, connect once more and send it there."""
+        reused = self._sock is not None and not _peer_closed_or_talking(self._sock)
+        if reused:
             assert self._sock is not None
-            sock = self._sock
-        for attempt in (1, 2):
-            try:
-                sock.settimeout(_remaining(deadline))
-                sock.sendall(frame)
-                return sock
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                # The daemon hung up; it may have said why (not allowed, too many connections).
-                early = self._pending_reply(sock)
-                self._close()
-                if early is not None and early.error is not None:
-                    _result(early)
-                if fresh or attempt == 2:
-                    raise ConnectionFailed(self.path, f"connection closed by pushd ({exc.strerror})") from exc
-                sock = self._connect(deadline)
-                fresh = True
-            except OSError as exc:
-                self._close()
-                raise ConnectionFailed(self.path, f"sending failed: {exc}") from exc
-        raise AssertionError("unreachable")
+            if self._try_send(self._sock, frame, deadline):
+                return self._sock
+        sock = self._connect(deadline)
+        if not self._try_send(sock, frame, deadline):
+            raise ConnectionFailed(self.path, "connection closed by pushd")
+        return sock
+
+    def _try_send(self, sock: socket.socket, frame: bytes, deadline: float) -> bool:
+        """True if sent; False if the daemon had already hung up (the request did not reach
+        it). RequestFailed if it said why before hanging up (not allowed, too many
+        connections, frame too large)."""
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(frame)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            early = self._pending_reply(sock)
+            self._close()
+            if early is not None:
+                _result(early)
+            return False
+        except OSError as exc:
+            self._close()
+            raise ConnectionFailed(self.path, f"sending failed: {exc}") from exc
 
     def _receive_reply(self, sock: socket.socket, deadline: float) -> Reply:
         while True:

@@ -448,6 +448,46 @@ async def test_client_reconnects_once_after_a_daemon_restart(nursery: trio.Nurse
         client.close()
 
 
+async def test_client_resends_when_the_old_connection_was_dead_before_sending(
+    nursery: trio.Nursery, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Make the pre-send liveness check miss the restart, so the send itself hits the dead peer.
+    monkeypatch.setattr("pushd.client._peer_closed_or_talking", lambda sock: False)
+    running = await start(nursery, ControlServer(sock_path, HANDLERS))
+    client = Client(sock_path)
+    try:
+        await trio.to_thread.run_sync(client.ping)
+        await running.stop()
+        await start(nursery, ControlServer(sock_path, HANDLERS))
+        assert (await trio.to_thread.run_sync(client.ping))["pong"] is True
+    finally:
+        client.close()
+
+
+async def test_client_never_resends_a_request_the_daemon_may_have_seen(
+    nursery: trio.Nursery, sock_path: Path
+) -> None:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a daemon dying mid-request
+    await sock.bind(os.fspath(sock_path))
+    sock.listen()
+    listener = trio.SocketListener(sock)
+    received: list[Any] = []
+
+    async def die_after_reading(
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            stream = await listener.accept()
+            received.append(await read_frame(stream, max_size=1024, buffer=bytearray()))
+            await stream.aclose()
+
+    await nursery.start(die_after_reading)
+    with pytest.raises(ConnectionFailed, match="closed by pushd before it replied"):
+        await trio.to_thread.run_sync(Client(sock_path).ping)
+    assert [r["op"] for r in received] == ["ping"]
+
+
 async def test_client_cannot_connect_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nobody.sock"
     with pytest.raises(ConnectionFailed) as info:
