@@ -161,6 +161,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX items_leases ON items(lease_until) WHERE state = 'leased'",
         ),
     ),
+    Migration(
+        3,
+        "central: fan-out progress (a message not fanned out completely is resumed)",
+        (
+            "ALTER TABLE messages ADD COLUMN fanout_done INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX messages_fanout ON messages(created_at) WHERE fanout_done = 0",
+        ),
+    ),
 )
 
 
