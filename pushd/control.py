@@ -12,9 +12,11 @@ import contextlib
 import errno
 import grp
 import os
+import platform
 import socket
 import stat
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,15 @@ _REFUSAL_SEND_TIMEOUT = 1.0
 # How long we wait for an existing socket to answer when deciding whether it is stale.
 _LIVENESS_TIMEOUT = 1.0
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# SO_PEERGROUPS (Linux >= 4.13) is missing from Python's socket module; its value is 59 on
+# the architectures that use the generic socket option numbers.
+_SO_PEERGROUPS: int | None = getattr(socket, "SO_PEERGROUPS", None) or (
+    59
+    if sys.platform == "linux"
+    and platform.machine() in {"x86_64", "aarch64", "i386", "i686", "armv7l", "riscv64"}
+    else None
+)
+_NGROUPS_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups, where the kernel tells us
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
@@ -71,15 +83,35 @@ class SocketInUse(Exception):
 
 
 def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> Peer:
-    """The pid/uid/gid of the process on the other end of a connected Unix socket."""
+    """The credentials of the process on the other end of a connected Unix socket, as the
+    kernel recorded them at connect() time: SO_PEERCRED (pid, uid, gid) and, where
+    available, SO_PEERGROUPS (supplementary groups)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
+
+
+def _peer_groups(sock: trio.socket.SocketType | socket.socket) -> tuple[int, ...]:
+    if _SO_PEERGROUPS is None:
+        return ()
+    for count in (64, _NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue  # more groups than fit: retry with room for the maximum
+            return ()  # e.g. ENOPROTOOPT on kernels before 4.13
+        return struct.unpack(f"{len(raw) // 4}I", raw)
+    return ()
 
 
 def peer_allowed(peer: Peer, allowed_uids: Collection[int], allowed_gids: Collection[int]) -> bool:
-    """True if the peer's uid or primary gid is allowed."""
-    return peer.uid in allowed_uids or peer.gid in allowed_gids
+    """True if the peer's uid, primary gid or one of its supplementary groups is allowed."""
+    return (
+        peer.uid in allowed_uids
+        or peer.gid in allowed_gids
+        or any(group in allowed_gids for group in peer.groups)
+    )
 
 
 async def ping(args: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ import structlog.testing
 import trio
 
 from pushd.client import Client, ConnectionFailed, RequestFailed, default_socket_path
-from pushd.control import ControlServer, Handler, Peer, SocketInUse, peer_allowed, ping
+from pushd.control import (
+    ControlServer,
+    Handler,
+    Peer,
+    SocketInUse,
+    peer_allowed,
+    peer_credentials,
+    ping,
+)
 from pushd.protocol import ErrorCode, OpError, encode_frame, read_frame
 
 
@@ -332,11 +341,33 @@ async def test_idle_connection_is_closed(nursery: trio.Nursery, sock_path: Path,
 # -- peers ---------------------------------------------------------------------------------
 
 
-def test_peer_allowed_by_uid_or_primary_gid() -> None:
-    peer = Peer(pid=10, uid=1000, gid=2000)
+def test_peer_allowed_by_uid_primary_gid_or_supplementary_group() -> None:
+    peer = Peer(pid=10, uid=1000, gid=2000, groups=(3000, 3001))
     assert peer_allowed(peer, {1000}, ())
     assert peer_allowed(peer, (), {2000})
-    assert not peer_allowed(peer, {0, 1001}, {0, 2001})
+    assert peer_allowed(peer, (), {3001})
+    assert not peer_allowed(peer, {0, 1001}, {0, 2001, 1000})
+
+
+def test_peer_credentials_of_a_socket_pair() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        peer = peer_credentials(a)
+    assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
+    assert sorted(peer.groups) == sorted(os.getgroups())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a client process extra groups needs root")
+async def test_peer_allowed_by_a_supplementary_group(nursery: trio.Nursery, sock_path: Path) -> None:
+    server = ControlServer(sock_path, HANDLERS, allowed_gids={54321}, allow_own_uid=False)
+    await nursery.start(server.run)
+    code = "import sys; from pushd.client import Client; print(Client(sys.argv[1]).ping()['pong'])"
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-c", code, os.fspath(sock_path)], extra_groups=[54321],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert (done.returncode, done.stdout.strip()) == (0, b"True"), done.stderr
 
 
 async def test_disallowed_peer_is_refused(nursery: trio.Nursery, sock_path: Path) -> None:
