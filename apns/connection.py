@@ -289,7 +289,9 @@ class Connection:
         while True:
             while deadlines and deadlines[0].result is not None:
                 deadlines.popleft()
-            with trio.CancelScope(deadline=deadlines[0].deadline if deadlines else math.inf) as scope:
+            with trio.CancelScope(
+                deadline=deadlines[0].deadline if deadlines else math.inf
+            ) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None

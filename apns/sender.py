@@ -28,6 +28,7 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 import structlog
 import trio
@@ -51,6 +52,7 @@ __all__ = [
     "SANDBOX_HOST",
     "Sender",
     "SenderConfig",
+    "SenderStats",
     "open_sender",
 ]
 
@@ -114,6 +116,20 @@ class SenderConfig:
             ssl_context=ssl_context,
             **kwargs,  # type: ignore[arg-type]
         )
+
+
+class SenderStats(TypedDict):
+    in_flight: int  # requests queued or open on the connections now
+    connections: int  # connections accepting requests now
+    sent: int  # requests submitted (every attempt counts)
+    outcomes: dict[str, int]  # final outcomes by OutcomeClass value
+    retries: int  # attempts scheduled after a retryable outcome
+    handbacks: int  # requests re-sent because a connection never processed them
+    token_refreshes: int  # provider tokens re-minted after ExpiredProviderToken
+    connects: int
+    reconnects: int
+    connect_failures: int
+    goaways: int
 
 
 class _Job:
@@ -228,11 +244,11 @@ class Sender:
         await self._drive(batch)
         return [outcome for outcome in batch.outcomes if outcome is not None]
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> SenderStats:
         pool = self._pool.stats
         return {
             "in_flight": self._pool.in_flight(),
-            "connections": len(self._pool.connections),
+            "connections": sum(c.accepting for c in self._pool.connections),
             "sent": self._sent,
             "outcomes": {klass.value: n for klass, n in self._outcomes.items()},
             "retries": self._retries,
