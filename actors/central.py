@@ -1,14 +1,162 @@
-"""Central: accepts pushes, resolves and classifies the audience, seals identification
-codes, and writes the pre-push messages to the durable queue."""
+"""Central: accepts pushes, resolves and classifies the audience, applies permissions,
+seals an identification code for every (message, device), and writes the pre-push
+messages to the durable queue.
+
+Acceptance is atomic: a push is validated whole (any bad field is refused with its
+name), then its message row — notification, target, priority, expiration, follow-up —
+is written in one transaction, and only then is the message id returned. The fan-out
+(resolve → classify → permission check → seal → enqueue) streams over the registry in
+batches and is resumable: every message whose fan-out has not been marked done is
+fanned out again when central starts, and enqueueing is idempotent per (message,
+device), so a crash in the middle neither loses nor doubles a device.
+
+Small targets (listed device or user ids) are fanned out before the reply, so a
+single-device push is in the queue the moment it is acknowledged; broad targets
+(classes, filters, everyone) fan out in central's background task, one message at a
+time, while central keeps accepting pushes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import trio
 
 from actors.base import ActorContext
-from actors.messages import Enqueued, Envelope
+from actors.idcode import IdCode
+from actors.live import LiveRef
+from actors.messages import Enqueued, Envelope, PushAccepted, SubmitPush
+from actors.queuestore import ItemResult, ItemRow, MessageRow, QueueStore
+from actors.registry import DeviceRecord, Registry
+from actors.rules import Rule, RuleError, compile_rule
+from apns.payload import InvalidNotification, Notification, PushType
+
+log = structlog.get_logger("actors.central")
+
+MAX_LISTED_IDS = 10_000
+SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
+
+
+class Rejected(ValueError):
+    """A push refused as a whole; ``field`` names the offending argument."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Who a push is for: exactly one of devices, users, classes, filter, everyone."""
+
+    devices: tuple[str, ...] | None = None
+    users: tuple[str, ...] | None = None
+    classes: tuple[str, ...] | None = None
+    filter: Any = None  # the rule spec as given (compiled on use)
+    everyone: bool = False
+
+    @classmethod
+    def parse(cls, spec: Any, known_classes: set[str]) -> Target:
+        if not isinstance(spec, Mapping) or not spec:
+            raise Rejected("target", "must be a map with one of devices, users, classes, filter, all")
+        keys = set(spec)
+        unknown = keys - {"devices", "users", "classes", "filter", "all"}
+        if unknown:
+            raise Rejected(f"target.{sorted(unknown)[0]}", "unknown target kind")
+        if len(keys) != 1:
+            raise Rejected("target", "give exactly one of devices, users, classes, filter, all")
+        (kind,) = keys
+        value = spec[kind]
+        if kind == "all":
+            if value is not True:
+                raise Rejected("target.all", "must be true")
+            return cls(everyone=True)
+        if kind == "filter":
+            try:
+                compile_rule(value, "target.filter")
+            except RuleError as exc:
+                raise Rejected(exc.path, exc.message) from None
+            return cls(filter=value)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise Rejected(f"target.{kind}", "must be a non-empty list of strings")
+        if len(value) > MAX_LISTED_IDS:
+            raise Rejected(f"target.{kind}", f"at most {MAX_LISTED_IDS} ids; use a class or filter")
+        ids = tuple(dict.fromkeys(value))
+        if kind == "classes":
+            missing = [c for c in ids if c not in known_classes]
+            if missing:
+                raise Rejected("target.classes", f"unknown class {missing[0]!r}")
+            return cls(classes=ids)
+        return cls(devices=ids) if kind == "devices" else cls(users=ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.everyone:
+            return {"all": True}
+        if self.filter is not None:
+            return {"filter": self.filter}
+        for kind in ("devices", "users", "classes"):
+            value = getattr(self, kind)
+            if value is not None:
+                return {kind: list(value)}
+        raise AssertionError("empty target")
+
+    @property
+    def small(self) -> bool:
+        listed = self.devices if self.devices is not None else self.users
+        return listed is not None and len(listed) <= SMALL_TARGET
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a device may receive a message now, and if not, why."""
+
+    class_id: str | None
+    reason: str | None  # None: may be sent
+
+
+def judge(
+    record: DeviceRecord,
+    *,
+    classifier_classify: Any,
+    push_type: str,
+    category: str | None,
+    target_classes: tuple[str, ...] | None = None,
+    target_filter: Rule | None = None,
+) -> Verdict:
+    """Classify a device and check permissions (shared by central and the node's re-check)."""
+    fields = record.fields()
+    if target_filter is not None and not target_filter.matches(fields):
+        return Verdict(None, "not_targeted")
+    class_id = classifier_classify(fields)
+    if target_classes is not None and class_id not in target_classes:
+        return Verdict(class_id, "not_targeted")
+    if not record.active:
+        return Verdict(class_id, "token_retired")
+    if not record.permissions.permits(push_type, category):
+        if push_type == "background" and not record.permissions.background:
+            return Verdict(class_id, "no_background_permission")
+        if push_type == "alert" and not record.permissions.alert:
+            return Verdict(class_id, "no_alert_permission")
+        return Verdict(class_id, "category_refused")
+    return Verdict(class_id, None)
+
+
+def category_of(notification: Mapping[str, Any], explicit: str | None) -> str | None:
+    if explicit is not None:
+        return explicit
+    aps = notification.get("aps")
+    if isinstance(aps, Mapping):
+        value = aps.get("category")
+        if isinstance(value, str):
+            return value
+    return None
 
 
 class CentralActor:
@@ -17,17 +165,250 @@ class CentralActor:
         ctx: ActorContext,
         *,
         inbox: trio.MemoryReceiveChannel[Envelope],
-        queue: trio.MemorySendChannel[Enqueued],
+        queue_notes: trio.MemorySendChannel[Enqueued],
+        registry: Registry,
+        queue: QueueStore,
+        live: LiveRef,
     ) -> None:
         self.ctx = ctx
         self.inbox = inbox
+        self.queue_notes = queue_notes
+        self.registry = registry
         self.queue = queue
+        self.live = live
+        self._fanouts_send, self._fanouts_recv = trio.open_memory_channel[str](0)
+        self._pending: list[str] = []
+        self._have_pending = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.inbox, self.queue:
+        async with self.inbox, self.queue_notes, trio.open_nursery() as nursery:
+            for message_id in await self._unfinished_fanouts():
+                self._schedule(message_id)
+            nursery.start_soon(self._fanout_loop)
             task_status.started()
             while not self.ctx.stopping.is_set():
                 self.ctx.heartbeat.beat()
                 with trio.move_on_after(self.ctx.heartbeat.interval):
                     envelope = await self.inbox.receive()
-                    await envelope.answer(None)
+                    await self._handle(envelope)
+            nursery.cancel_scope.cancel()
+
+    # -- acceptance -------------------------------------------------------------------
+
+    async def _handle(self, envelope: Envelope) -> None:
+        msg = envelope.message
+        if not isinstance(msg, SubmitPush):
+            await envelope.answer(Rejected("op", f"central does not handle {msg.kind}"))
+            return
+        try:
+            accepted = await self.accept(msg)
+        except Rejected as exc:
+            await envelope.answer(exc)
+            return
+        await envelope.answer(accepted)
+
+    async def accept(self, msg: SubmitPush) -> PushAccepted:
+        row, target = self._validate(msg)
+        targeted = await self._count(target, row.notification["topic"])
+        row = MessageRow(
+            message_id=row.message_id,
+            notification=row.notification,
+            priority=row.priority,
+            push_type=row.push_type,
+            created_at=row.created_at,
+            audience=targeted,
+            target=row.target,
+            expiration=row.expiration,
+            collapse_id=row.collapse_id,
+            meta=row.meta,
+        )
+        await self.queue.create_message(row)
+        log.info(
+            "push accepted",
+            message_id=row.message_id,
+            targeted=targeted,
+            priority=row.priority,
+            target=next(iter(row.target)),
+        )
+        if target.small:
+            await self.fan_out(row.message_id)
+        else:
+            self._schedule(row.message_id)
+        return PushAccepted(message_id=row.message_id, targeted=targeted)
+
+    def _validate(self, msg: SubmitPush) -> tuple[MessageRow, Target]:
+        live = self.live.current
+        notification_in = dict(msg.notification)
+        try:
+            notification = Notification.from_dict(notification_in)
+            notification.encode()  # size limits and header rules, before anything is stored
+        except InvalidNotification as exc:
+            raise Rejected(f"notification.{exc.field}", exc.message) from None
+        target = Target.parse(msg.target, {c.id for c in live.classifier.classes})
+        if not isinstance(msg.priority, int) or not 0 <= msg.priority <= 10:
+            raise Rejected("priority", "must be an integer from 0 to 10")
+        now = time.time()
+        if msg.expiration is not None and msg.ttl is not None:
+            raise Rejected("ttl", "give ttl or expiration, not both")
+        if msg.expiration is not None:
+            if msg.expiration <= now:
+                raise Rejected("expiration", "is in the past")
+            expiration = float(msg.expiration)
+        elif msg.ttl is not None:
+            if not msg.ttl > 0:
+                raise Rejected("ttl", "must be positive")
+            expiration = now + msg.ttl
+        else:
+            expiration = now + live.default_ttl
+        message_id = str(uuid.uuid4())
+        stored = notification.to_dict()
+        if notification.collapse_id is None and notification.push_type is not PushType.LIVEACTIVITY:
+            # The message id as default collapse id: a device shows a duplicate once.
+            stored["collapse_id"] = message_id
+        if notification.expiration is None:
+            stored["expiration"] = int(expiration)
+        meta: dict[str, Any] = {"category": category_of(stored, msg.category)}
+        if msg.follow_up is not None:
+            if not isinstance(msg.follow_up, Mapping):
+                raise Rejected("follow_up", "must be a map")
+            meta["follow_up"] = dict(msg.follow_up)
+        if msg.parent_id is not None:
+            meta["parent_id"] = msg.parent_id
+        row = MessageRow(
+            message_id=message_id,
+            notification=stored,
+            priority=msg.priority,
+            push_type=str(notification.push_type),
+            created_at=now,
+            audience=0,
+            target=target.to_dict(),
+            expiration=expiration,
+            collapse_id=stored.get("collapse_id"),
+            meta=meta,
+        )
+        return row, target
+
+    async def _count(self, target: Target, topic: str) -> int:
+        if target.devices is not None or target.users is not None:
+            column = "device_id" if target.devices is not None else "user_id"
+            ids = list(target.devices or target.users or ())
+            total = 0
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                row = await self.queue.store.fetchone(
+                    f"SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL "
+                    f"AND {column} IN ({','.join('?' * len(chunk))})",
+                    [topic, *chunk],
+                )
+                total += row[0] if row else 0
+            return total
+        # Broad targets: the candidates (devices of the app); the fan-out narrows them
+        # down by class or filter, and `message` reports exact per-device outcomes.
+        row = await self.queue.store.fetchone(
+            "SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL", (topic,)
+        )
+        return row[0] if row else 0
+
+    # -- fan-out ----------------------------------------------------------------------
+
+    def _schedule(self, message_id: str) -> None:
+        self._pending.append(message_id)
+        self._have_pending.set()
+
+    async def _fanout_loop(self) -> None:
+        while True:
+            while not self._pending:
+                self._have_pending = trio.Event()
+                await self._have_pending.wait()
+            message_id = self._pending.pop(0)
+            try:
+                await self.fan_out(message_id)
+            except Exception:
+                # Leave it unfinished: it is fanned out again when central restarts.
+                log.exception("fan-out failed", message_id=message_id)
+                raise
+
+    async def _unfinished_fanouts(self) -> list[str]:
+        rows = await self.queue.store.fetchall(
+            "SELECT message_id FROM messages WHERE fanout_done = 0 ORDER BY created_at"
+        )
+        return [r[0] for r in rows]
+
+    async def fan_out(self, message_id: str) -> int:
+        """Resolve, classify, check and enqueue a message's audience. Returns the number
+        of items written (sendable and skipped)."""
+        message = await self.queue.get_message(message_id)
+        if message is None:
+            return 0
+        live = self.live.current
+        spec = Target.parse(message.target, {c.id for c in live.classifier.classes} | set(message.target.get("classes", [])))
+        target_filter = compile_rule(spec.filter, "target.filter") if spec.filter is not None else None
+        topic = message.notification["topic"]
+        category = message.meta.get("category")
+        bound = log.bind(message_id=message_id)
+        total = 0
+        async for batch in self.registry.targets(
+            device_ids=spec.devices, user_ids=spec.users, topic=topic, batch=live.store_batch
+        ):
+            self.ctx.heartbeat.beat()
+            live = self.live.current
+            items: list[ItemRow] = []
+            skipped: list[tuple[str, str]] = []
+            shards: set[int] = set()
+            issued = int(time.time() * 1000)
+            for record in batch:
+                verdict = judge(
+                    record,
+                    classifier_classify=live.classifier.classify,
+                    push_type=message.push_type,
+                    category=category,
+                    target_classes=spec.classes,
+                    target_filter=target_filter,
+                )
+                if verdict.reason == "not_targeted":
+                    continue
+                code = IdCode(message_id, record.device_id, record.user_id, verdict.class_id or "", issued)
+                shard = live.shard_of(record.device_id, record.attributes)
+                items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=live.codes.seal(code)))
+                if verdict.reason is not None:
+                    skipped.append((record.device_id, verdict.reason))
+                else:
+                    shards.add(shard)
+            if not items:
+                continue
+            now = time.time()
+            await self.queue.enqueue(message_id, items, now=now)
+            if skipped:
+                await self._skip(message_id, skipped, now)
+            total += len(items)
+            if shards:
+                self._note(Enqueued(shards=sorted(shards), count=len(items) - len(skipped)))
+        await self.queue.store.execute(
+            "UPDATE messages SET fanout_done = 1, audience = max(audience, ?) WHERE message_id = ?",
+            (total, message_id),
+        )
+        bound.info("fan-out done", items=total)
+        return total
+
+    async def _skip(self, message_id: str, skipped: list[tuple[str, str]], now: float) -> None:
+        """Record devices that may not receive the message (permissions) as skipped."""
+        rows = await self.queue.store.fetchall(
+            f"SELECT item_id, device_id FROM items WHERE message_id = ? AND state = 'queued' "
+            f"AND device_id IN ({','.join('?' * len(skipped))})",
+            [message_id, *(d for d, _ in skipped)],
+        )
+        reasons = dict(skipped)
+        ids = {r[1]: r[0] for r in rows}
+        # Lease-free final states: mark them directly through ack's bookkeeping.
+        await self.queue.store.executemany(
+            "UPDATE items SET state = 'leased' WHERE item_id = ? AND state = 'queued'",
+            [(ids[d],) for d in ids],
+        )
+        await self.queue.ack(
+            [ItemResult(ids[d], "skipped", outcome="skipped", reason=reasons[d]) for d in ids], now=now
+        )
+
+    def _note(self, note: Enqueued) -> None:
+        # The queue's sweep wakes the nodes anyway; a hint may be dropped.
+        with contextlib.suppress(trio.WouldBlock):
+            self.queue_notes.send_nowait(note)

@@ -1,24 +1,260 @@
-"""Node: leases its shard's messages, verifies and re-checks them, sends them to APNs."""
+"""Node: leases its shard's messages, verifies and re-checks each one, sends it to APNs
+over its persistent HTTP/2 connections, records the outcome and reports deliveries.
+
+For every leased (message, device):
+
+1. **verify** the identification code: the seal and key id hold, it names this message
+   and this device, and the user id in it is the device's user **now** — a device that
+   moved to another user never gets the previous user's message;
+2. **re-check** against the latest registry data: the token is not retired, the device
+   still satisfies its class's rule (a "please update" notice is not sent to a device
+   that has updated since) and the user still permits this push type and category;
+3. **send** the survivors in one batch through the sender (one apns-id per attempt);
+4. **record**: delivered → sent; token dead → failed and the token retired in the
+   registry; retryable or credentials trouble → back in the queue with backoff until
+   ``max_attempts``, then dead-lettered; other rejections → failed with APNs's reason.
+   Every message that is not sent gets a recorded reason.
+
+The node finishes the batch in hand when asked to stop; what it has not leased stays in
+the queue, and what it leased but could not finish is reclaimed when the lease runs out.
+"""
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import trio
 
 from actors.base import ActorContext
+from actors.idcode import InvalidCode
+from actors.live import Live, LiveRef
 from actors.messages import Delivered
+from actors.queuestore import ItemResult, LeasedItem, QueueStore
+from actors.registry import DeviceRecord, Registry
+from apns.outcome import Outcome, OutcomeClass
+from apns.payload import EncodedNotification, InvalidNotification, Notification
+from apns.sender import Sender
+
+log = structlog.get_logger("actors.node")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    state: str  # "skipped" (may not be sent now) or "dead" (must never be sent)
+    reason: str
+
+
+def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal | None:
+    """Steps 1 and 2 above. None: may be sent."""
+    try:
+        code = live.codes.open(item.idcode)
+    except InvalidCode as exc:
+        return Refusal("dead", f"invalid_code:{exc.reason}")
+    if code.message_id != item.message_id or code.device_id != item.device_id:
+        return Refusal("dead", "invalid_code:mismatch")
+    if record is None:
+        return Refusal("skipped", "device_unregistered")
+    if record.user_id != code.user_id:
+        return Refusal("skipped", "user_changed")
+    if not record.active:
+        return Refusal("skipped", "token_retired")
+    message = item.message
+    if record.topic != message.notification.get("topic"):
+        return Refusal("skipped", "topic_changed")
+    if code.class_id:
+        rule = live.classifier.rule(code.class_id)
+        if rule is None:
+            return Refusal("skipped", "class_removed")
+        if not rule.matches(record.fields()):
+            return Refusal("skipped", "class_changed")
+    category = message.meta.get("category")
+    if not record.permissions.permits(message.push_type, category):
+        return Refusal("skipped", "permission_withdrawn")
+    env = live.extra.get("apns_environment")
+    if env in ("production", "sandbox") and record.environment != env:
+        return Refusal("skipped", "wrong_environment")
+    return None
 
 
 class NodeActor:
     def __init__(
-        self, ctx: ActorContext, *, index: int, deliveries: trio.MemorySendChannel[Delivered]
+        self,
+        ctx: ActorContext,
+        *,
+        index: int,
+        wake: trio.MemoryReceiveChannel[None],
+        deliveries: trio.MemorySendChannel[Delivered],
+        registry: Registry,
+        queue: QueueStore,
+        live: LiveRef,
+        counters: Counter[str] | None = None,
     ) -> None:
         self.ctx = ctx
         self.index = index
+        self.name = ctx.name
+        self.wake = wake
         self.deliveries = deliveries
+        self.registry = registry
+        self.queue = queue
+        self.live = live
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self._encoded: OrderedDict[str, EncodedNotification | InvalidNotification] = OrderedDict()
+        self._log = log.bind(node=self.name)
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.deliveries:
+        async with self.wake, self.deliveries, trio.open_nursery() as nursery:
+            sender, scope, generation = await self._start_sender(nursery)
             task_status.started()
-            await self.ctx.idle()
+            while not self.ctx.stopping.is_set():
+                self.ctx.heartbeat.beat()
+                live = self.live.current
+                if live.apns_generation != generation:
+                    self._log.info("APNs settings changed; replacing sender")
+                    new = await self._start_sender(nursery)
+                    scope.cancel()
+                    sender, scope, generation = new
+                items = await self.queue.lease(
+                    shard=self.index,
+                    owner=self.name,
+                    limit=live.node_batch,
+                    now=time.time(),
+                    lease_seconds=live.lease_seconds,
+                )
+                if items:
+                    await self.process(items, sender)
+                    continue
+                ready = await self.queue.next_ready_time(self.index)
+                wait = self.ctx.heartbeat.interval
+                if ready is not None:
+                    wait = min(wait, max(0.0, ready - time.time()) + 0.001)
+                with trio.move_on_after(wait):
+                    async with trio.open_nursery() as waiter:
+                        waiter.start_soon(self._cancel_on_stop, waiter.cancel_scope)
+                        await self.wake.receive()
+                        waiter.cancel_scope.cancel()
+            scope.cancel()
+
+    async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
+        await self.ctx.stopping.wait()
+        scope.cancel()
+
+    async def _start_sender(self, nursery: trio.Nursery) -> tuple[Sender, trio.CancelScope, int]:
+        live = self.live.current
+        assert live.sender_config is not None, "no APNs sender configured"
+        sender = Sender(live.sender_config())
+        scope = trio.CancelScope()
+
+        async def run_sender(*, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await sender.run(task_status=task_status)
+
+        await nursery.start(run_sender)
+        return sender, scope, live.apns_generation
+
+    def _encode(self, item: LeasedItem) -> EncodedNotification | InvalidNotification:
+        cached = self._encoded.get(item.message_id)
+        if cached is None:
+            try:
+                cached = Notification.from_dict(item.message.notification).encode()
+            except InvalidNotification as exc:
+                cached = exc
+            self._encoded[item.message_id] = cached
+            if len(self._encoded) > 256:
+                self._encoded.popitem(last=False)
+        return cached
+
+    async def process(self, items: list[LeasedItem], sender: Sender) -> None:
+        live = self.live.current
+        records = await self.registry.get_many({item.device_id for item in items})
+        results: list[ItemResult] = []
+        delivered: list[Delivered] = []
+        retries: dict[float, list[tuple[int, str]]] = {}
+        batch: list[tuple[LeasedItem, DeviceRecord, EncodedNotification]] = []
+        now = time.time()
+
+        def final(item: LeasedItem, state: str, outcome: str, reason: str | None, apns_id: str | None) -> None:
+            results.append(ItemResult(item.item_id, state, outcome=outcome, reason=reason, apns_id=apns_id))  # type: ignore[arg-type]
+            record = records.get(item.device_id)
+            delivered.append(
+                Delivered(
+                    message_id=item.message_id,
+                    device_id=item.device_id,
+                    user_id=record.user_id if record else "",
+                    outcome=outcome,
+                    reason=reason,
+                    apns_id=apns_id,
+                    at=now,
+                )
+            )
+            self.counters[f"{state}"] += 1
+
+        for item in items:
+            record = records.get(item.device_id)
+            refusal = verify(item, record, live)
+            if refusal is not None:
+                self._log.info("not sent", message_id=item.message_id, reason=refusal.reason)
+                final(item, refusal.state, "skipped" if refusal.state == "skipped" else "dead", refusal.reason, None)
+                continue
+            assert record is not None
+            encoded = self._encode(item)
+            if isinstance(encoded, InvalidNotification):
+                final(item, "dead", "rejected", f"invalid_notification:{encoded.field}", None)
+                continue
+            batch.append((item, record, encoded.with_apns_id(str(uuid.uuid4()))))
+
+        if batch:
+            outcomes = await sender.send_many([(record.token, enc) for _, record, enc in batch])
+            now = time.time()
+            for (item, record, enc), outcome in zip(batch, outcomes, strict=True):
+                self._record(item, record, enc, outcome, live, final, retries)
+            for (_, record, _), outcome in zip(batch, outcomes, strict=True):
+                if outcome.klass is OutcomeClass.TOKEN_DEAD:
+                    at_ms = outcome.timestamp_ms or int(now * 1000)
+                    await self.registry.retire_token(record.token, at_ms)
+        if results:
+            await self.queue.ack(results, now=now)
+        for delay, pairs in retries.items():
+            by_reason: dict[str, list[int]] = {}
+            for item_id, reason in pairs:
+                by_reason.setdefault(reason, []).append(item_id)
+            for reason, ids in by_reason.items():
+                await self.queue.retry(ids, not_before=now + delay, reason=reason, now=now)
+        for d in delivered:
+            await self.deliveries.send(d)
+
+    def _record(
+        self,
+        item: LeasedItem,
+        record: DeviceRecord,
+        enc: EncodedNotification,
+        outcome: Outcome,
+        live: Live,
+        final: Any,
+        retries: dict[float, list[tuple[int, str]]],
+    ) -> None:
+        apns_id = outcome.apns_id or enc.apns_id
+        reason = outcome.reason
+        klass = outcome.klass
+        if klass is OutcomeClass.DELIVERED:
+            final(item, "sent", str(klass), None, apns_id)
+        elif klass is OutcomeClass.TOKEN_DEAD:
+            final(item, "failed", str(klass), reason, apns_id)
+        elif klass is OutcomeClass.REJECTED:
+            self._log.warning("rejected by APNs", message_id=item.message_id, apns_id=apns_id, reason=reason)
+            final(item, "failed", str(klass), reason, apns_id)
+        else:  # RETRY, CREDENTIALS
+            if klass is OutcomeClass.CREDENTIALS:
+                self._log.error("APNs refused our credentials", reason=reason, apns_id=apns_id)
+            if item.attempts >= live.max_attempts:
+                final(item, "dead", str(klass), reason or "ConnectionLost", apns_id)
+            else:
+                delay = live.retry_delay(item.attempts)
+                if outcome.retry_after:
+                    delay = max(delay, outcome.retry_after)
+                retries.setdefault(delay, []).append((item.item_id, reason or "ConnectionLost"))
+                self.counters["retried"] += 1

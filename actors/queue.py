@@ -1,24 +1,87 @@
-"""Queue: the durable queue's housekeeping (wake-ups, lease reclaim, expiry)."""
+"""Queue: the durable queue's housekeeping.
+
+The queue itself is the ``items`` table (``actors.queuestore``); central writes to it and
+nodes lease from it directly. This actor keeps it moving:
+
+* wakes the node that owns a shard when central (or the analyzer) reports new work —
+  through each node's one-slot wake channel, so a burst of reports costs one wake-up;
+* every ``sweep_interval`` seconds: hands leases that ran out (a crashed or stopped node's
+  work) back to the queue, marks items of expired messages as expired, moves work of
+  shards no node owns any more (after the node count shrank) to a live shard, and wakes
+  nodes that have work again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Sequence
 from typing import Any
 
+import structlog
 import trio
 
 from actors.base import ActorContext
+from actors.live import LiveRef
 from actors.messages import Enqueued
+from actors.queuestore import QueueStore
+
+log = structlog.get_logger("actors.queue")
+
+
+def wake(channels: Sequence[trio.MemorySendChannel[None]], shard: int) -> None:
+    """Non-blocking wake-up of the node owning ``shard`` (coalesces when one is pending)."""
+    if not channels:
+        return
+    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        channels[shard % len(channels)].send_nowait(None)
 
 
 class QueueActor:
-    def __init__(self, ctx: ActorContext, *, inbox: trio.MemoryReceiveChannel[Enqueued]) -> None:
+    def __init__(
+        self,
+        ctx: ActorContext,
+        *,
+        inbox: trio.MemoryReceiveChannel[Enqueued],
+        queue: QueueStore,
+        live: LiveRef,
+        wakes: list[trio.MemorySendChannel[None]],
+    ) -> None:
         self.ctx = ctx
         self.inbox = inbox
+        self.queue = queue
+        self.live = live
+        self.wakes = wakes  # shared list owned by the pipeline; index = shard
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox:
+            await self.sweep()
             task_status.started()
+            next_sweep = trio.current_time()
             while not self.ctx.stopping.is_set():
                 self.ctx.heartbeat.beat()
-                with trio.move_on_after(self.ctx.heartbeat.interval):
-                    await self.inbox.receive()
+                now = trio.current_time()
+                if now >= next_sweep:
+                    await self.sweep()
+                    next_sweep = now + self.live.current.sweep_interval
+                wait = min(self.ctx.heartbeat.interval, max(0.0, next_sweep - now))
+                with trio.move_on_after(wait):
+                    note = await self.inbox.receive()
+                    for shard in note.shards:
+                        wake(self.wakes, shard)
+
+    async def sweep(self) -> None:
+        now = time.time()
+        live = self.live.current
+        reclaimed = await self.queue.reclaim_expired_leases(now)
+        expired = await self.queue.expire_due(now)
+        moved = await self.queue.store.execute(
+            "UPDATE items SET shard = shard % ? WHERE shard >= ? AND state = 'queued'",
+            (live.node_count, live.node_count),
+        )
+        if reclaimed or expired or moved:
+            log.info("queue sweep", reclaimed=reclaimed, expired=expired, moved=moved)
+        for shard in range(live.node_count):
+            ready = await self.queue.next_ready_time(shard)
+            if ready is not None and ready <= now:
+                wake(self.wakes, shard)

@@ -4,13 +4,16 @@
 supervisor with ``nursery.start`` (the simulator first when ``apns.environment =
 "simulator"``, then queue, analyzer, central and the nodes); ``apply`` puts a reloaded
 config in force (node count, rules, code keys, credentials, limits) without dropping
-in-flight work.  The channels are created here, bounded, with sizes from
+in-flight work. The channels are created here, bounded, with sizes from
 ``[channels]``; each actor incarnation gets clones of its ends and closes them itself.
+The analyzer → central cycle goes through the durable queue, never through a channel.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +23,16 @@ import trio
 from actors.analyzer import AnalyzerActor
 from actors.base import ActorContext
 from actors.central import CentralActor
+from actors.idcode import CodeKeys
+from actors.live import Live, LiveRef
 from actors.messages import AppEvent, Delivered, Enqueued, Envelope, RegistryChanged
 from actors.node import NodeActor
 from actors.queue import QueueActor
+from actors.queuestore import QueueStore
+from actors.registry import Registry
+from actors.rules import Classifier
 from actors.storage import Store, open_store
+from pushd.apnsconf import SimulatorActor, SimulatorSetup, sender_config_factory
 from pushd.config import Config
 
 if TYPE_CHECKING:
@@ -34,15 +43,59 @@ log = structlog.get_logger("pushd.pipeline")
 AnalyzerInput = Delivered | AppEvent | RegistryChanged
 
 
+def build_live(cfg: Config, *, sender_config: Callable[..., Any] | None, generation: int) -> Live:
+    return Live(
+        classifier=Classifier.from_config([c.model_dump() for c in cfg.classes]),
+        codes=CodeKeys.from_config(
+            cfg.codes.keys, cfg.codes.current, base_dir=cfg.state_dir, create_missing=True
+        ),
+        node_count=cfg.nodes.count,
+        node_batch=cfg.nodes.batch,
+        lease_seconds=cfg.nodes.lease_seconds,
+        shard_by=cfg.nodes.shard_by,
+        region_attribute=cfg.nodes.region_attribute,
+        regions=tuple(cfg.nodes.regions),
+        retry_initial=cfg.queue.retry_initial,
+        retry_max=cfg.queue.retry_max,
+        max_attempts=cfg.queue.max_attempts,
+        default_ttl=cfg.queue.default_ttl,
+        sweep_interval=cfg.queue.sweep_interval,
+        store_batch=cfg.storage.batch_size,
+        default_deadline=cfg.analyzer.default_deadline,
+        max_repushes=cfg.analyzer.max_repushes,
+        sender_config=sender_config,
+        apns_generation=generation,
+        extra={"apns_environment": cfg.apns.environment},
+    )
+
+
 class Pipeline:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
+        self.registry = Registry(store)
+        self.queue = QueueStore(
+            store, aging_seconds=config.queue.aging_seconds, max_attempts=config.queue.max_attempts
+        )
         ch = config.channels
         self.central_send, self.central_recv = trio.open_memory_channel[Envelope](ch.central)
         self.queue_send, self.queue_recv = trio.open_memory_channel[Enqueued](ch.queue)
         self.analyzer_send, self.analyzer_recv = trio.open_memory_channel[AnalyzerInput](ch.analyzer)
+        # One-slot wake channels, one per node (index = shard); a pending wake coalesces.
+        self.wake_sends: list[trio.MemorySendChannel[None]] = []
+        self.wake_recvs: list[trio.MemoryReceiveChannel[None]] = []
         self.node_names: list[str] = []
+        self.counters: Counter[str] = Counter()
+        self.sim_setup = SimulatorSetup.prepare(config) if config.apns.environment == "simulator" else None
+        self.sim_port: list[int] = []
+        self.sim_actor: SimulatorActor | None = None
+        self.apns_generation = 0
+        self.live = LiveRef(
+            build_live(config, sender_config=self._sender_factory(config), generation=0)
+        )
+
+    def _sender_factory(self, cfg: Config) -> Callable[..., Any]:
+        return sender_config_factory(cfg, sim=self.sim_setup, port_ref=self.sim_port)
 
     @classmethod
     @asynccontextmanager
@@ -53,39 +106,74 @@ class Pipeline:
             try:
                 yield pipeline
             finally:
-                for ch in (
-                    pipeline.central_send, pipeline.central_recv, pipeline.queue_send,
-                    pipeline.queue_recv, pipeline.analyzer_send, pipeline.analyzer_recv,
-                ):
-                    ch.close()
+                pipeline.close_channels()
+
+    def close_channels(self) -> None:
+        channels: list[trio.abc.SendChannel[Any] | trio.abc.ReceiveChannel[Any]] = [
+            self.central_send, self.queue_send, self.analyzer_send, *self.wake_sends,
+            self.central_recv, self.queue_recv, self.analyzer_recv, *self.wake_recvs,
+        ]
+        for channel in channels:
+            assert isinstance(channel, (trio.MemorySendChannel, trio.MemoryReceiveChannel))
+            channel.close()
 
     # -- actors ---------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery, supervisor: Supervisor) -> None:
+        if self.sim_setup is not None:
+            await nursery.start(supervisor.supervise, "apns-simulator", self._simulator)
         await nursery.start(supervisor.supervise, "queue", self._queue)
         await nursery.start(supervisor.supervise, "analyzer", self._analyzer)
         await nursery.start(supervisor.supervise, "central", self._central)
         await self._scale_nodes(nursery, supervisor, self.config.nodes.count)
 
+    def _simulator(self, ctx: ActorContext) -> SimulatorActor:
+        assert self.sim_setup is not None
+        self.sim_actor = SimulatorActor(ctx, self.config, self.sim_setup, self.sim_port)
+        return self.sim_actor
+
     def _queue(self, ctx: ActorContext) -> QueueActor:
-        return QueueActor(ctx, inbox=self.queue_recv.clone())
+        return QueueActor(
+            ctx, inbox=self.queue_recv.clone(), queue=self.queue, live=self.live, wakes=self.wake_sends
+        )
 
     def _analyzer(self, ctx: ActorContext) -> AnalyzerActor:
         return AnalyzerActor(ctx, inbox=self.analyzer_recv.clone())
 
     def _central(self, ctx: ActorContext) -> CentralActor:
-        return CentralActor(ctx, inbox=self.central_recv.clone(), queue=self.queue_send.clone())
+        return CentralActor(
+            ctx,
+            inbox=self.central_recv.clone(),
+            queue_notes=self.queue_send.clone(),
+            registry=self.registry,
+            queue=self.queue,
+            live=self.live,
+        )
 
-    def _node(self, index: int) -> Any:
+    def _node(self, index: int) -> Callable[[ActorContext], NodeActor]:
         def factory(ctx: ActorContext) -> NodeActor:
-            return NodeActor(ctx, index=index, deliveries=self.analyzer_send.clone())
+            return NodeActor(
+                ctx,
+                index=index,
+                wake=self.wake_recvs[index].clone(),
+                deliveries=self.analyzer_send.clone(),
+                registry=self.registry,
+                queue=self.queue,
+                live=self.live,
+                counters=self.counters,
+            )
 
         return factory
 
     async def _scale_nodes(self, nursery: trio.Nursery, supervisor: Supervisor, count: int) -> None:
+        while len(self.wake_sends) < count:
+            send, recv = trio.open_memory_channel[None](1)
+            self.wake_sends.append(send)
+            self.wake_recvs.append(recv)
         while len(self.node_names) < count:
-            name = f"node-{len(self.node_names)}"
-            await nursery.start(supervisor.supervise, name, self._node(len(self.node_names)))
+            index = len(self.node_names)
+            name = f"node-{index}"
+            await nursery.start(supervisor.supervise, name, self._node(index))
             self.node_names.append(name)
         while len(self.node_names) > count:
             name = self.node_names.pop()
@@ -93,21 +181,37 @@ class Pipeline:
             handle.request_stop()
             await handle.done.wait()
             del supervisor.actors[name]
+        # Work queued for shards that no node owns any more moves at the next sweep.
 
     async def apply(self, config: Config, nursery: trio.Nursery, supervisor: Supervisor) -> None:
         old = self.config
         self.config = config
-        if config.nodes.count != old.nodes.count:
-            log.info("scaling nodes", old=old.nodes.count, new=config.nodes.count)
+        if config.apns != old.apns:
+            self.apns_generation += 1
+        # Shrink: nodes first (so the sweep re-shards for the new count); grow: settings first.
+        if config.nodes.count < old.nodes.count:
             await self._scale_nodes(nursery, supervisor, config.nodes.count)
+        self.live.current = build_live(
+            config, sender_config=self._sender_factory(config), generation=self.apns_generation
+        )
+        if config.nodes.count > old.nodes.count:
+            await self._scale_nodes(nursery, supervisor, config.nodes.count)
+        log.info("pipeline settings applied", nodes=config.nodes.count, apns_generation=self.apns_generation)
 
     # -- control ops and figures ------------------------------------------------------
 
     def handlers(self, daemon: Any) -> dict[str, Any]:
-        return {}
+        from pushd.ops import Ops
+
+        return Ops(self, daemon).table()
 
     async def stats(self) -> dict[str, Any]:
-        return {"nodes": len(self.node_names)}
+        counts = await self.queue.counts()
+        return {"nodes": len(self.node_names), "queue": counts, "deliveries": dict(self.counters)}
 
     def status_line(self) -> str:
-        return f"{len(self.node_names)} nodes"
+        c = self.counters
+        return f"{len(self.node_names)} nodes; sent {c['sent']}, failed {c['failed']}, skipped {c['skipped']}"
+
+    def now(self) -> float:
+        return time.time()

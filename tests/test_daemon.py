@@ -81,7 +81,7 @@ async def test_notify_order_ready_reloading_stopping(short_tmp: Path) -> None:
     firsts = [k for k in kinds if k in ("READY", "RELOADING", "STOPPING")]
     assert firsts[:4] == ["READY", "RELOADING", "READY", "STOPPING"], got
     ready = next(d for d in got if d.startswith("READY=1"))
-    assert "STATUS=5/5 actors running" in ready
+    assert "STATUS=6/6 actors running" in ready  # simulator, queue, analyzer, central, 2 nodes
     reloading = next(d for d in got if d.startswith("RELOADING=1"))
     assert "MONOTONIC_USEC=" in reloading
     sock.close()

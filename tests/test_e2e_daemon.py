@@ -64,7 +64,7 @@ def test_run_control_reload_and_stop(short_tmp: Path) -> None:
         status = pushctl(sock, "--json", "status")
         assert status.returncode == 0, status.stderr
         actors = {a["name"]: a for a in json.loads(status.stdout)["actors"]}
-        assert set(actors) == {"queue", "analyzer", "central", "node-0", "node-1"}
+        assert set(actors) == {"apns-simulator", "queue", "analyzer", "central", "node-0", "node-1"}
         assert all(a["state"] == "running" for a in actors.values())
 
         cfg.write_text(CONFIG.format(nodes=3))

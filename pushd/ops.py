@@ -1,0 +1,241 @@
+"""Control ops of the push pipeline: register, unregister, device, push, message, classes.
+
+Every op validates its whole input first and answers ``invalid_argument`` naming the
+field; nothing is stored until the input is known to be good.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from actors.central import Rejected
+from actors.messages import Envelope, PushAccepted, RegistryChanged, SubmitPush
+from actors.registry import Consent, InvalidField, Permissions, Registration
+from apns.payload import redact_token
+from pushd.control import Peer
+from pushd.protocol import ErrorCode, OpError, get_arg, reject_unknown_args
+
+if TYPE_CHECKING:
+    from pushd.pipeline import Pipeline
+
+log = structlog.get_logger("pushd.ops")
+
+PUSH_TIMEOUT = 60.0  # how long a push request waits for central's answer
+
+REGISTER_ARGS = (
+    "device_id", "token", "environment", "topic", "model", "os_version", "app_version",
+    "locale", "time_zone", "user_id", "contact_ids", "attributes", "permissions", "consent",
+)
+PUSH_ARGS = (
+    "notification", "target", "priority", "ttl", "expiration", "category", "follow_up",
+)
+
+
+def _invalid(field: str, message: str) -> OpError:
+    return OpError(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}", field=field)
+
+
+def _str_list(args: Mapping[str, Any], name: str, prefix: str = "") -> tuple[str, ...]:
+    value = args.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _invalid(prefix + name, "must be a list of strings")
+    return tuple(value)
+
+
+def parse_registration(args: Mapping[str, Any]) -> Registration:
+    reject_unknown_args(args, REGISTER_ARGS)
+    text = {
+        name: get_arg(args, name, str)
+        for name in ("device_id", "token", "topic", "model", "os_version", "app_version", "locale", "time_zone", "user_id")
+    }
+    environment = get_arg(args, "environment", str, "production")
+    attributes = get_arg(args, "attributes", dict, {})
+    perms_in = get_arg(args, "permissions", dict, {})
+    consent_in = get_arg(args, "consent", dict, {})
+    for key in perms_in:
+        if key not in ("alert", "background", "categories_allowed", "categories_refused"):
+            raise _invalid(f"permissions.{key}", "unknown key")
+    for key in consent_in:
+        if key not in ("events", "event_kinds"):
+            raise _invalid(f"consent.{key}", "unknown key")
+    allowed = perms_in.get("categories_allowed")
+    if allowed is not None:
+        allowed = _str_list(perms_in, "categories_allowed", "permissions.")
+    for name in ("alert", "background"):
+        if not isinstance(perms_in.get(name, True), bool):
+            raise _invalid(f"permissions.{name}", "must be a boolean")
+    if not isinstance(consent_in.get("events", False), bool):
+        raise _invalid("consent.events", "must be a boolean")
+    return Registration(
+        environment=environment,
+        contact_ids=_str_list(args, "contact_ids"),
+        attributes=attributes,
+        permissions=Permissions(
+            alert=perms_in.get("alert", True),
+            background=perms_in.get("background", True),
+            categories_allowed=allowed,
+            categories_refused=_str_list(perms_in, "categories_refused", "permissions."),
+        ),
+        consent=Consent(
+            events=consent_in.get("events", False),
+            event_kinds=_str_list(consent_in, "event_kinds", "consent."),
+        ),
+        **text,
+    )
+
+
+def device_view(record: Any) -> dict[str, Any]:
+    """A device as the control socket shows it: the token redacted."""
+    return {
+        "device_id": record.device_id,
+        "token": redact_token(record.token),
+        "environment": record.environment,
+        "topic": record.topic,
+        "model": record.model,
+        "os_version": record.os_version,
+        "app_version": record.app_version,
+        "locale": record.locale,
+        "time_zone": record.time_zone,
+        "user_id": record.user_id,
+        "contact_ids": list(record.contact_ids),
+        "attributes": dict(record.attributes),
+        "permissions": {
+            "alert": record.permissions.alert,
+            "background": record.permissions.background,
+            "categories_allowed": None
+            if record.permissions.categories_allowed is None
+            else list(record.permissions.categories_allowed),
+            "categories_refused": list(record.permissions.categories_refused),
+        },
+        "consent": {"events": record.consent.events, "event_kinds": list(record.consent.event_kinds)},
+        "registered_at_ms": record.registered_at_ms,
+        "updated_at_ms": record.updated_at_ms,
+        "previous_user_id": record.previous_user_id,
+        "user_changed_at_ms": record.user_changed_at_ms,
+        "retired_at_ms": record.retired_at_ms,
+        "active": record.active,
+    }
+
+
+class Ops:
+    def __init__(self, pipeline: Pipeline, daemon: Any) -> None:
+        self.p = pipeline
+        self.daemon = daemon
+
+    def table(self) -> dict[str, Any]:
+        return {
+            "register": self.register,
+            "unregister": self.unregister,
+            "device": self.device,
+            "push": self.push,
+            "message": self.message,
+            "classes": self.classes,
+        }
+
+    async def _notify_analyzer(self, change: RegistryChanged) -> None:
+        try:
+            self.p.analyzer_send.send_nowait(change)
+        except trio.WouldBlock:
+            log.warning("analyzer inbox full; registry change not reported", device_id=change.device_id)
+
+    async def register(self, args: dict[str, Any], peer: Peer) -> Any:
+        registration = parse_registration(args)
+        try:
+            result = await self.p.registry.register(registration, now_ms=int(time.time() * 1000))
+        except InvalidField as exc:
+            raise _invalid(exc.field, exc.message) from None
+        record = result.record
+        await self._notify_analyzer(
+            RegistryChanged(
+                device_id=record.device_id,
+                user_id=record.user_id,
+                change=result.change,
+                app_version=record.app_version,
+                at=time.time(),
+            )
+        )
+        return {
+            "device_id": record.device_id,
+            "change": result.change,
+            "token_rotated": result.token_rotated,
+            "user_changed": result.user_changed,
+            "revived": result.revived,
+        }
+
+    async def unregister(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args, ("device_id",))
+        device_id = get_arg(args, "device_id", str)
+        record = await self.p.registry.get(device_id)
+        if not await self.p.registry.unregister(device_id):
+            raise OpError(ErrorCode.NOT_FOUND, f"no device {device_id!r}", field="device_id")
+        await self._notify_analyzer(
+            RegistryChanged(
+                device_id=device_id,
+                user_id=record.user_id if record else None,
+                change="unregistered",
+                at=time.time(),
+            )
+        )
+        return {"device_id": device_id, "removed": True}
+
+    async def device(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args, ("device_id",))
+        device_id = get_arg(args, "device_id", str)
+        record = await self.p.registry.get(device_id)
+        if record is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no device {device_id!r}", field="device_id")
+        return device_view(record)
+
+    async def push(self, args: dict[str, Any], peer: Peer) -> Any:
+        if self.daemon.draining:
+            raise OpError(ErrorCode.UNAVAILABLE, "pushd is shutting down; not accepting pushes")
+        reject_unknown_args(args, PUSH_ARGS)
+        priority = get_arg(args, "priority", int, 10)
+        ttl = get_arg(args, "ttl", (int, float), None) if args.get("ttl") is not None else None
+        expiration = get_arg(args, "expiration", int, None) if args.get("expiration") is not None else None
+        category = get_arg(args, "category", str, None) if args.get("category") is not None else None
+        follow_up = get_arg(args, "follow_up", dict, None) if args.get("follow_up") is not None else None
+        request = SubmitPush(
+            notification=get_arg(args, "notification", dict),
+            target=get_arg(args, "target", dict),
+            priority=priority,
+            ttl=None if ttl is None else float(ttl),
+            expiration=expiration,
+            category=category,
+            follow_up=follow_up,
+        )
+        reply_send, reply_recv = trio.open_memory_channel[Any](1)
+        async with reply_recv:
+            with trio.fail_after(PUSH_TIMEOUT):
+                await self.p.central_send.send(Envelope(request, reply_send))
+                try:
+                    answer = await reply_recv.receive()
+                except trio.EndOfChannel:
+                    raise OpError(ErrorCode.UNAVAILABLE, "central restarted; push not accepted") from None
+        if isinstance(answer, Rejected):
+            raise _invalid(answer.field, answer.message)
+        assert isinstance(answer, PushAccepted)
+        return {"message_id": answer.message_id, "targeted": answer.targeted}
+
+    async def message(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args, ("message_id", "page", "page_size"))
+        message_id = get_arg(args, "message_id", str)
+        page = get_arg(args, "page", int, 0)
+        page_size = get_arg(args, "page_size", int, 100)
+        if page < 0:
+            raise _invalid("page", "must be >= 0")
+        if not 1 <= page_size <= 10_000:
+            raise _invalid("page_size", "must be within 1..10000")
+        state = await self.p.queue.message_state(message_id, page=page, page_size=page_size)
+        if state is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no message {message_id!r}", field="message_id")
+        return state
+
+    async def classes(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args, ())
+        return {"classes": self.p.live.current.classifier.describe()}
