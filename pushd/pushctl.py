@@ -35,7 +35,16 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: the op it calls, how to read its arguments and how to show its result."""
+    """One subcommand: the op it calls, how to read its arguments and how to show its result.
+
+    Adding an op is one entry in ``COMMANDS``, for example::
+
+        Command("device", "show one device", render_key_values,
+                add_arguments=lambda p: p.add_argument("device_id"),
+                build_args=lambda ns: {"device_id": ns.device_id})
+
+    ``build_args`` may raise :class:`UsageError` (exit status 2).
+    """
 
     name: str
     help: str

@@ -39,7 +39,13 @@ async def reload(args: dict[str, Any], peer: Peer) -> Any:
     raise OpError(ErrorCode.INVALID_ARGUMENT, "apns.team_id must be 10 characters", field="apns.team_id")
 
 
-HANDLERS: dict[str, Handler] = {"ping": ping, "status": status, "stats": stats, "reload": reload}
+async def echo(args: dict[str, Any], peer: Peer) -> Any:
+    return args
+
+
+HANDLERS: dict[str, Handler] = {
+    "ping": ping, "status": status, "stats": stats, "reload": reload, "echo": echo,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +192,28 @@ def test_every_command_has_a_unique_name() -> None:
     names = [command.name for command in pushctl.COMMANDS]
     assert len(names) == len(set(names))
     assert {"ping", "status", "stats", "reload"} <= set(names)
+
+
+def _echo_args(ns: Any) -> dict[str, Any]:
+    if ns.count < 0:
+        raise pushctl.UsageError("--count must not be negative")
+    return {"word": ns.word, "count": ns.count}
+
+
+def _add_echo_arguments(parser: Any) -> None:
+    parser.add_argument("word")
+    parser.add_argument("--count", type=int, default=1)
+
+
+async def test_a_new_op_is_one_table_entry(
+    server: ControlServer, sock_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    echo_command = pushctl.Command(
+        "echo", "repeat", pushctl.render_key_values,
+        add_arguments=_add_echo_arguments, build_args=_echo_args,
+    )
+    monkeypatch.setattr(pushctl, "COMMANDS", (*pushctl.COMMANDS, echo_command))
+    assert await pushctl_main("--socket", str(sock_path), "echo", "hi", "--count", "3") == 0
+    assert json.loads(capsys.readouterr().out) == {"word": "hi", "count": 3}
+    assert await pushctl_main("--socket", str(sock_path), "echo", "hi", "--count", "-1") == 2
+    assert "--count must not be negative" in capsys.readouterr().err
