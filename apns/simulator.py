@@ -45,6 +45,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
+import hpack.hpack
 import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -261,6 +263,111 @@ class _Rejected(Exception):
         self.timestamp_ms = timestamp_ms
 
 
+_PSEUDO_HEADERS = frozenset({":method", ":scheme", ":path", ":authority"})
+_CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+
+
+def _malformed(headers: list[tuple[str, str]]) -> str | None:
+    """RFC 9113 §8.2-8.3 request checks (what h2's inbound validation does, cheaper):
+    a reason if the request is malformed, else None."""
+    regular_seen = False
+    for name, value in headers:
+        if name.startswith(":"):
+            if regular_seen:
+                return f"pseudo-header {name} after a regular header"
+            if name not in _PSEUDO_HEADERS:
+                return f"unknown pseudo-header {name}"
+        else:
+            regular_seen = True
+            if name != name.lower():
+                return f"upper-case header name {name!r}"
+            if name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):
+                return f"connection-specific header {name!r}"
+    return None
+
+
+class _HuffmanCache:
+    """Memoises hpack's pure-Python Huffman decoder.  Providers send the same JWT (and,
+    per device, the same :path) as a literal on every request, and decoding it was the
+    largest single cost per request.  The function is pure, so sharing the cache with
+    anything else in the process that uses hpack is harmless."""
+
+    def __init__(self, decode: Callable[[bytes], bytes]) -> None:
+        self.decode = decode
+        self.cache: dict[bytes, bytes] = {}
+
+    def __call__(self, data: bytes | bytearray | memoryview | None) -> bytes:
+        key = b"" if data is None else bytes(data)
+        result = self.cache.get(key)
+        if result is None:
+            result = self.decode(key)
+            if len(self.cache) >= 8192:
+                self.cache.clear()
+            self.cache[key] = result
+        return result
+
+
+def _install_huffman_cache() -> None:
+    if not isinstance(hpack.hpack.decode_huffman, _HuffmanCache):
+        hpack.hpack.decode_huffman = _HuffmanCache(hpack.hpack.decode_huffman)  # type: ignore[assignment]
+
+
+class _ServerH2Connection(h2.connection.H2Connection):
+    """h2 counts open inbound streams (a walk over every stream) on each HEADERS frame, only
+    to enforce a limit the simulator enforces itself.  Skip the walk, but still let it run
+    now and then: it is also what prunes closed streams from ``streams``."""
+
+    _skipped = 0
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._skipped += 1
+        if self._skipped >= 256:
+            self._skipped = 0
+            return super().open_inbound_streams
+        return 0
+
+    def end_stream_with_block(self, stream_id: int, header_block: bytes) -> bytes:
+        """The fast path for a 200: what ``send_headers(..., end_stream=True)`` does to the
+        stream state, with a header block the caller encoded without touching the HPACK
+        dynamic table (static-indexed ``:status`` plus literals without indexing), so h2's
+        encoder stays in step.  Returns the HEADERS frame for the caller to write."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise h2.exceptions.StreamClosedError(stream_id)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+        flags = 0x4 | 0x1  # END_HEADERS | END_STREAM
+        return (
+            len(header_block).to_bytes(3, "big")
+            + bytes((0x1, flags))
+            + stream_id.to_bytes(4, "big")
+            + header_block
+        )
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """HPACK literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
+    return b"\x00" + _hpack_length(name) + name + _hpack_length(value) + value
+
+
+def _hpack_length(data: bytes) -> bytes:
+    n = len(data)
+    if n < 127:
+        return bytes((n,))
+    out = bytearray((127,))
+    n -= 127
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_STATUS_200 = b"\x88"  # static table entry 8, ":status: 200"
+
+
 class _UnenforcedSettings(h2.settings.Settings):
     """Local settings whose stream limit h2 does not enforce: the simulator does,
     so that it can answer a violation the configured way (RST or GOAWAY)."""
@@ -434,12 +541,14 @@ class Simulator:
         self._rng = random.Random(self.config.seed)
         self._max_streams = self.config.max_concurrent_streams
         self._connections: set[_Connection] = set()
+        self.protocol_errors: list[str] = []  # malformed requests, answered with RST_STREAM
         self._goaway_plans: list[_GoawayPlan] = []
         self._faults: list[_Fault] = []
         self._token_hits: dict[str, list[float]] = {}
         self._listeners: list[Callable[[RecordedRequest], None]] = []
         self._changed = trio.Event()
         self._ssl_context: Any = None
+        _install_huffman_cache()
 
     # ---- configuration at run time
 
@@ -867,10 +976,11 @@ class _Connection:
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
+            validate_inbound_headers=False,  # _malformed() does it, as a stream error
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = _ServerH2Connection(config=config)
         gated = cfg.require_auth and cfg.token_initial_streams is not None
         self.gate_open = not gated
         initial_streams = cfg.token_initial_streams if gated else sim._max_streams
@@ -890,6 +1000,7 @@ class _Connection:
         self._delayed: set[int] = set()  # streams whose answer waits in a task
         self._active: set[int] = set()  # streams opened and not yet fully answered or reset
         self._goaway_frame: bytes | None = None  # held back until owed answers are written
+        self._unique_id = cfg.unique_id or (cfg.unique_id is None and cfg.environment == "development")
         self._out = bytearray()  # frames built outside h2 (GOAWAY), sent before h2's next bytes
         self._send_lock = trio.StrictFIFOLock()
         self._kick = trio.Event()
@@ -1077,15 +1188,21 @@ class _Connection:
                 self._goaway(last, ErrorCodes.PROTOCOL_ERROR, STREAM_VIOLATION_TEXT)
             return
         self._active.add(stream_id)
-        headers: dict[str, str] = {}
-        duplicate = False
-        for name, value in event.headers or ():
-            key = name.decode("ascii", "replace") if isinstance(name, bytes) else name
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-            if key in headers:
-                duplicate = True
-            headers[key] = text
-        self._streams[stream_id] = _Stream(stream_id, headers, duplicate)
+        pairs = [
+            (
+                name.decode("utf-8", "replace") if isinstance(name, bytes) else name,
+                value.decode("utf-8", "replace") if isinstance(value, bytes) else value,
+            )
+            for name, value in event.headers or ()
+        ]
+        problem = _malformed(pairs)
+        if problem is not None:
+            self.sim.protocol_errors.append(f"connection {self.id} stream {stream_id}: {problem}")
+            self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._active.discard(stream_id)
+            return
+        headers = dict(pairs)
+        self._streams[stream_id] = _Stream(stream_id, headers, len(headers) != len(pairs))
 
     def _complete(self, completed: list[_Stream]) -> None:
         cfg = self.sim.config
@@ -1120,12 +1237,12 @@ class _Connection:
         apns_id = response.apns_id.encode("ascii")
         try:
             if response.status == 200:
-                headers = [(b":status", b"200"), (b"apns-id", apns_id)]
-                if self.sim.config.unique_id or (
-                    self.sim.config.unique_id is None and self.sim.config.environment == "development"
-                ):
-                    headers.append((b"apns-unique-id", str(uuid.uuid4()).encode("ascii")))
-                self.h2.send_headers(stream_id, headers, end_stream=True)
+                block = _STATUS_200 + _literal(b"apns-id", apns_id)
+                if self._unique_id:
+                    block += _literal(b"apns-unique-id", str(uuid.uuid4()).encode("ascii"))
+                frame = self.h2.end_stream_with_block(stream_id, block)
+                self._out += self.h2.data_to_send()
+                self._out += frame
                 self._active.discard(stream_id)
             else:
                 payload: dict[str, Any] = {"reason": response.reason}
