@@ -84,6 +84,7 @@ class ItemRow:
     idcode: bytes
     priority: int | None = None  # None: the message's priority
     not_before: float | None = None  # None: ready at once
+    skip_reason: str | None = None  # set: stored directly as "skipped", never leased
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +224,8 @@ class QueueStore:
         """Add one batch of items in one transaction; returns how many were new.
 
         Idempotent per (message, device): re-enqueueing a batch after a crash adds nothing.
+        Items with a ``skip_reason`` are stored as skipped in the same transaction, so no
+        node can lease them in between.
         """
 
         def write(conn: sqlite3.Connection) -> int:
@@ -234,8 +237,7 @@ class QueueStore:
             rows = []
             for item in items:
                 priority = msg["priority"] if item.priority is None else item.priority
-                rank = self.rank(enqueued_at=now, priority=priority, audience=msg["audience"])
-                not_before = now if item.not_before is None else item.not_before
+                skipped = item.skip_reason is not None
                 rows.append(
                     (
                         message_id,
@@ -243,17 +245,20 @@ class QueueStore:
                         item.shard,
                         item.idcode,
                         priority,
-                        rank,
+                        self.rank(enqueued_at=now, priority=priority, audience=msg["audience"]),
                         now,
-                        not_before,
+                        now if item.not_before is None else item.not_before,
+                        "skipped" if skipped else "queued",
+                        "skipped" if skipped else None,
+                        item.skip_reason,
                         now,
                     )
                 )
             before = conn.total_changes
             conn.executemany(
                 """INSERT INTO items (message_id, device_id, shard, idcode, priority, rank,
-                       enqueued_at, not_before, state, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)
+                       enqueued_at, not_before, state, outcome, reason, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (message_id, device_id) DO NOTHING""",
                 rows,
             )
@@ -265,6 +270,7 @@ class QueueStore:
                    WHERE message_id = ?""",
                 (added, added, added, message_id),
             )
+            _settle(conn, [message_id], now)  # done already if the batch was all skipped
             return added
 
         return await self.store.transaction(write)

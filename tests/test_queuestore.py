@@ -274,3 +274,22 @@ async def test_everything_survives_closing_and_reopening(tmp_path: Path) -> None
         assert reopened == replace(message("m", audience=10, expiration=T0 + 3600), enqueued=10)
         assert await queue.reclaim_expired_leases(T0 + 30) == 3
         assert len(await lease_ids(queue, now=T0 + 31)) == 9
+
+
+async def test_items_enqueued_as_skipped_are_never_leased(queue: QueueStore) -> None:
+    await queue.create_message(message("m", audience=3))
+    batch = [
+        ItemRow("ok", 0, b"c1"),
+        ItemRow("no-alerts", 0, b"c2", skip_reason="alert_not_permitted"),
+        ItemRow("refused", 0, b"c3", skip_reason="category_refused"),
+    ]
+    assert await queue.enqueue("m", batch, now=T0) == 3
+    leased = await queue.lease(shard=0, owner="n", limit=9, now=T0, lease_seconds=9)
+    assert [i.device_id for i in leased] == ["ok"]
+    state = await queue.message_state("m")
+    assert state["states"]["skipped"] == 2
+    assert state["reasons"] == {"alert_not_permitted": 1, "category_refused": 1}
+    assert state["outcomes"] == {"skipped": 2}
+    await queue.create_message(message("all-skipped", audience=1))
+    await queue.enqueue("all-skipped", [ItemRow("x", 0, b"c", skip_reason="r")], now=T0)
+    assert (await queue.message_state("all-skipped"))["state"] == "done"
