@@ -202,8 +202,12 @@ class RecordedRequest:
     timestamp_ms: int | None = None  # the 410 timestamp, if any
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; the provider token in ``authorization`` is shortened."""
         data = asdict(self)
         data["body"] = self.body.decode("utf-8", "replace")
+        authorization = self.headers.get("authorization")
+        if authorization is not None and len(authorization) > 24:
+            data["headers"] = dict(self.headers, authorization=authorization[:24] + "...")
         return data
 
 
@@ -1327,6 +1331,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a JWT")
     parser.add_argument("--streams", type=int, default=1000, help="MAX_CONCURRENT_STREAMS")
+    parser.add_argument(
+        "--initial-streams", type=int, default=1, metavar="N",
+        help="stream limit on a token connection before its first valid JWT (0: no gate)",
+    )
     parser.add_argument("--environment", choices=("production", "development"), default="production")
     parser.add_argument("--record", type=Path, help="append each request to FILE as a JSON line")
     parser.add_argument("--rate-429", type=float, default=0.0, metavar="P")
@@ -1350,6 +1358,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         tls_dir=args.tls_dir,
         environment=args.environment,
         max_concurrent_streams=args.streams,
+        token_initial_streams=args.initial_streams or None,
         keys=list(args.key),
         require_auth=not args.no_auth,
         error_rates={status: p for status, p in rates.items() if p > 0},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -875,3 +876,87 @@ def test_generate_tls_reuses_files(tmp_path: Path) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+
+
+# ---- command line
+
+
+async def test_command_line_serves_and_records(nursery: trio.Nursery, tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    key, private_pem = generate_signing_key(KID, TEAM)
+    (tmp_path / "key.pem").write_bytes(key.public_key_pem)
+    record = tmp_path / "requests.jsonl"
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable, "-m", "apns.simulator", "--port", "0", "--tls-dir", str(tmp_path / "tls"),
+            "--key", f"{KID}:{TEAM}:{tmp_path / 'key.pem'}", "--streams", "7", "--record", str(record),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(20):
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive_some(1)
+        host, port = line.decode().removeprefix("listening on ").strip().rsplit(":", 1)
+        assert host == "127.0.0.1"
+        raw = await trio.open_tcp_stream(host, int(port))
+        ssl_stream = trio.SSLStream(
+            raw, client_context(tmp_path / "tls" / "ca.pem"), server_hostname="localhost"
+        )
+        client = Client(ssl_stream)
+        await client.start(nursery)
+        jwt = sign_provider_token(private_pem, KID, TEAM)
+        assert (await client.post(request_headers(jwt=jwt), b'{"aps":{}}')).status == 200
+        await client.wait_for(lambda: client.max_streams == 7)
+        assert (await client.post(request_headers("zz", jwt=jwt))).reason == "BadDeviceToken"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = [json.loads(x) for x in record.read_text().splitlines()]
+    assert [(x["status"], x["reason"], x["token"]) for x in lines] == [
+        (200, None, TOKEN),
+        (400, "BadDeviceToken", "zz"),
+    ]
+    assert lines[0]["body"] == '{"aps":{}}' and lines[0]["jwt_kid"] == KID
+    assert lines[0]["headers"]["apns-topic"] == TOPIC
+    assert jwt not in record.read_text()  # the provider token is not written out in full
+
+
+async def test_httpx_client_interoperates(start: Callable[..., Any]) -> None:
+    import httpx
+
+    env = await start()
+    env.sim.set_token_state("0f" * 32, unregistered_at_ms=1_650_000_000_000)
+    assert env.sim.tls is not None
+    context = client_context(env.sim.tls.ca_file)
+    headers = {"authorization": f"bearer {env.jwt()}", "apns-topic": TOPIC, "apns-push-type": "alert"}
+    async with httpx.AsyncClient(http2=True, verify=context) as client:
+        base = f"https://localhost:{env.sim.port}/3/device/"
+        ok = await client.post(base + TOKEN, headers=headers, content=b'{"aps":{"alert":"hi"}}')
+        assert ok.http_version == "HTTP/2" and ok.status_code == 200 and ok.content == b""
+        gone = await client.post(base + "0f" * 32, headers=headers, content=b'{"aps":{}}')
+        assert gone.status_code == 410
+        assert gone.json() == {"reason": "Unregistered", "timestamp": 1_650_000_000_000}
+        assert gone.headers["apns-id"] == env.sim.requests[-1].apns_id
+
+
+async def test_malformed_request_is_reset(start: Callable[..., Any]) -> None:
+    env = await start()
+    client = await env.client()
+    jwt = env.jwt()
+    upper = await client.post(request_headers(jwt=jwt, extra=[("APNS-Priority", "10")]))
+    assert upper.reset_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    conn_header = await client.post(request_headers(jwt=jwt, extra=[("connection", "keep-alive")]))
+    assert conn_header.reset_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert len(env.sim.protocol_errors) == 2 and "upper-case" in env.sim.protocol_errors[0]
+    assert env.sim.requests == []
+    # The connection survives a malformed request.
+    assert (await client.post(request_headers(jwt=jwt))).status == 200
