@@ -63,12 +63,14 @@ from hyperframe.frame import GoAwayFrame
 
 __all__ = [
     "PUSH_TYPES",
+    "CertIdentity",
     "RecordedRequest",
     "SimConfig",
     "SimKey",
     "Simulator",
     "TlsFiles",
     "TokenState",
+    "generate_client_certificate",
     "generate_signing_key",
     "generate_tls",
     "main",
@@ -95,9 +97,21 @@ MAX_VOIP_PAYLOAD = 5120
 MAX_COLLAPSE_ID_BYTES = 64
 STREAM_VIOLATION_TEXT = b"Maximum active streams violated for this endpoint."
 # Reasons a real APNs attaches to each injected status.
-DEFAULT_FAULT_REASONS = {429: "TooManyRequests", 500: "InternalServerError", 503: "ServiceUnavailable"}
+DEFAULT_FAULT_REASONS = {
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    503: "ServiceUnavailable",
+}
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Apple's push certificate extensions (apns-reference.md §6).
+OID_DEVELOPMENT = x509.ObjectIdentifier("1.2.840.113635.100.6.3.1")
+OID_PRODUCTION = x509.ObjectIdentifier("1.2.840.113635.100.6.3.2")
+OID_TOPICS = x509.ObjectIdentifier("1.2.840.113635.100.6.3.6")
+_ENVIRONMENT_OIDS = {OID_DEVELOPMENT: "development", OID_PRODUCTION: "production"}
+
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
 _DEVICE_PREFIX = "/3/device/"
 _READ_SIZE = 65536
@@ -153,24 +167,40 @@ class SimConfig:
     goaway_timing: Literal["after_answers", "immediate"] = "after_answers"
 
     # authentication
+    client_ca_file: Path | None = None  # set: accept client certificates this CA signed (cert auth)
+    cert_topic_reason: str = "BadTopic"  # a topic the certificate does not cover (UNCERTAIN)
     keys: list[SimKey] = field(default_factory=list)
     require_auth: bool = True  # False: requests without credentials are accepted (benchmarks)
     jwt_max_age: float = 3600.0  # older iat -> ExpiredProviderToken
-    jwt_min_refresh: float = 1200.0  # a new JWT sooner on one connection -> TooManyProviderTokenUpdates
-    jwt_wedge: float = 0.0  # after TooManyProviderTokenUpdates reject the connection's requests this long
-    team_mismatch_reason: str = "UnrelatedKeyIdInToken"  # another team on a bound connection (UNCERTAIN)
-    key_topic_reason: str = "UnrelatedKeyIdInToken"  # topic outside a topic-specific key's set (UNCERTAIN)
-    wall_clock: Callable[[], float] = time.time  # for iat and 410 timestamps; intervals use trio's clock
+    jwt_min_refresh: float = (
+        1200.0  # a new JWT sooner on one connection -> TooManyProviderTokenUpdates
+    )
+    jwt_wedge: float = (
+        0.0  # after TooManyProviderTokenUpdates reject the connection's requests this long
+    )
+    team_mismatch_reason: str = (
+        "UnrelatedKeyIdInToken"  # another team on a bound connection (UNCERTAIN)
+    )
+    key_topic_reason: str = (
+        "UnrelatedKeyIdInToken"  # topic outside a topic-specific key's set (UNCERTAIN)
+    )
+    wall_clock: Callable[[], float] = (
+        time.time
+    )  # for iat and 410 timestamps; intervals use trio's clock
 
     # validation
     allowed_topics: set[str] | None = None  # None: any topic
     topic_disallowed_reason: str = "TopicDisallowed"  # or "BadTopic" (UNCERTAIN)
     background_priority10_reason: str | None = "BadPriority"  # None: accept (UNCERTAIN)
-    strict_json: bool = False  # reject a body that is not a JSON object (not proven Apple behaviour)
+    strict_json: bool = (
+        False  # reject a body that is not a JSON object (not proven Apple behaviour)
+    )
     unique_id: bool | None = None  # send apns-unique-id; None: in the development environment only
 
     # faults
-    error_rates: dict[int, float] = field(default_factory=dict)  # status (429/500/503) -> probability
+    error_rates: dict[int, float] = field(
+        default_factory=dict
+    )  # status (429/500/503) -> probability
     seed: int | None = None
     token_rate_limit: tuple[int, float] | None = None  # (K, W): more than K per token in W s -> 429
     throttle_on_error: bool = False  # a 4xx (not 410) drops the stream limit to 1 until a 200
@@ -217,6 +247,68 @@ class TlsFiles:
     cert_file: Path
     key_file: Path
     ca_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class CertIdentity:
+    """What a provider client certificate says: its bundle ID (Subject UID), every topic it
+    covers, and the environments it may push to (empty: not stated, both allowed)."""
+
+    uid: str
+    topics: frozenset[str]
+    environments: frozenset[str]
+
+    @classmethod
+    def from_der(cls, der: bytes) -> CertIdentity:
+        cert = x509.load_der_x509_certificate(der)
+        uids = cert.subject.get_attributes_for_oid(NameOID.USER_ID)
+        uid = str(uids[0].value) if uids else ""
+        topics = {uid} if uid else set()
+        environments = set()
+        for extension in cert.extensions:
+            oid = extension.oid
+            if oid in _ENVIRONMENT_OIDS:
+                environments.add(_ENVIRONMENT_OIDS[oid])
+            elif oid == OID_TOPICS and isinstance(extension.value, x509.UnrecognizedExtension):
+                topics.update(_der_topics(extension.value.value))
+        return cls(uid, frozenset(topics), frozenset(environments))
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, content) items of a DER SEQUENCE's body."""
+    items = []
+    i = 0
+    while i + 2 <= len(data):
+        tag, length = data[i], data[i + 1]
+        i += 2
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[i : i + count], "big")
+            i += count
+        items.append((tag, data[i : i + length]))
+        i += length
+    return items
+
+
+def _der_topics(value: bytes) -> list[str]:
+    """Topics in Apple's 1.2.840.113635.100.6.3.6 extension: a SEQUENCE of UTF8String topic,
+    SEQUENCE {UTF8String kind} pairs."""
+    outer = _der_items(value)
+    if len(outer) != 1 or outer[0][0] != 0x30:
+        return []
+    return [
+        content.decode("utf-8", "replace")
+        for tag, content in _der_items(outer[0][1])
+        if tag == 0x0C
+    ]
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 128:
+        return bytes((tag, n)) + content
+    size = (n.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big") + content
 
 
 @dataclass
@@ -268,7 +360,9 @@ class _Rejected(Exception):
 
 
 _PSEUDO_HEADERS = frozenset({":method", ":scheme", ":path", ":authority"})
-_CONNECTION_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+_CONNECTION_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
 
 
 def _malformed(headers: list[tuple[str, str]]) -> str | None:
@@ -474,13 +568,21 @@ def generate_tls(directory: Path, hostname: str = "localhost") -> TlsFiles:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
@@ -522,6 +624,73 @@ def generate_tls(directory: Path, hostname: str = "localhost") -> TlsFiles:
     files.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     return files
+
+
+def generate_client_certificate(
+    tls: TlsFiles,
+    directory: Path,
+    bundle_id: str,
+    *,
+    environments: Iterable[str] = ("development", "production"),
+    extra_topics: Iterable[str] = (".voip", ".complication"),
+) -> tuple[Path, Path]:
+    """A provider client certificate signed by ``tls``'s CA, shaped like Apple's: Subject UID
+    = bundle ID, the environment OIDs, and the topics extension listing the bundle ID and
+    ``bundle_id + suffix`` for each of ``extra_topics``.  Returns (cert_file, key_file)."""
+    if tls.ca_key_file is None:
+        raise ValueError("generate_client_certificate needs the CA key (TlsFiles.ca_key_file)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = serialization.load_pem_private_key(tls.ca_key_file.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(tls.ca_file.read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("unexpected CA key type")
+    key = ec.generate_private_key(ec.SECP256R1())
+    topics = [bundle_id] + [bundle_id + suffix for suffix in extra_topics]
+    kinds = ["app"] + [suffix.lstrip(".") for suffix in extra_topics]
+    topic_body = b"".join(
+        _der(0x0C, topic.encode()) + _der(0x30, _der(0x0C, kind.encode()))
+        for topic, kind in zip(topics, kinds, strict=True)
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.USER_ID, bundle_id),
+                    x509.NameAttribute(NameOID.COMMON_NAME, f"Apple Push Services: {bundle_id}"),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.ExtendedKeyUsage([x509.OID_CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(OID_TOPICS, _der(0x30, topic_body)), critical=False
+        )
+    )
+    for environment in environments:
+        oid = OID_DEVELOPMENT if environment == "development" else OID_PRODUCTION
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(oid, b"\x05\x00"), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", bundle_id)
+    cert_file, key_file = directory / f"{safe}.pem", directory / f"{safe}-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    return cert_file, key_file
 
 
 # --------------------------------------------------------------------------- simulator
@@ -575,9 +744,15 @@ class Simulator:
     def clear_token_state(self, token: str) -> None:
         self._tokens.pop(token.lower(), None)
 
-    def inject(self, status: int, reason: str | None = None, *, count: int = 1, token: str | None = None) -> None:
+    def inject(
+        self, status: int, reason: str | None = None, *, count: int = 1, token: str | None = None
+    ) -> None:
         """Answer the next ``count`` requests (to ``token``, if given) with this status."""
-        chosen = reason if reason is not None else DEFAULT_FAULT_REASONS.get(status, "InternalServerError")
+        chosen = (
+            reason
+            if reason is not None
+            else DEFAULT_FAULT_REASONS.get(status, "InternalServerError")
+        )
         self._faults.append(_Fault(status, chosen, None if token is None else token.lower(), count))
 
     def set_max_concurrent_streams(self, n: int) -> None:
@@ -658,6 +833,9 @@ class Simulator:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert_file, key_file)
         context.set_alpn_protocols(["h2"])
+        if cfg.client_ca_file is not None:
+            context.verify_mode = ssl.CERT_OPTIONAL
+            context.load_verify_locations(cafile=str(cfg.client_ca_file))
         return context
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -685,8 +863,11 @@ class Simulator:
     async def _handle_client(self, raw: trio.SocketStream) -> None:
         stream: trio.abc.Stream = raw
         alpn: str | None = None
+        identity: CertIdentity | None = None
         if self._ssl_context is not None:
-            ssl_stream = trio.SSLStream(raw, self._ssl_context, server_side=True, https_compatible=True)
+            ssl_stream = trio.SSLStream(
+                raw, self._ssl_context, server_side=True, https_compatible=True
+            )
             try:
                 with trio.fail_after(_HANDSHAKE_TIMEOUT):
                     await ssl_stream.do_handshake()
@@ -697,9 +878,12 @@ class Simulator:
             if alpn not in (None, "h2"):
                 await trio.aclose_forcefully(ssl_stream)
                 return
+            peer = ssl_stream.getpeercert(binary_form=True)
+            if peer:
+                identity = CertIdentity.from_der(peer)
             stream = ssl_stream
         self.connection_count += 1
-        connection = _Connection(self, self.connection_count, stream, alpn)
+        connection = _Connection(self, self.connection_count, stream, alpn, identity)
         self._connections.add(connection)
         self._notify()
         try:
@@ -739,7 +923,12 @@ class Simulator:
             iss=iss if isinstance(iss, str) else None,
             iat=iat if isinstance(iat, int) and not isinstance(iat, bool) else None,
         )
-        if header.get("alg") != "ES256" or result.kid is None or result.iss is None or result.iat is None:
+        if (
+            header.get("alg") != "ES256"
+            or result.kid is None
+            or result.iss is None
+            or result.iat is None
+        ):
             return result
         entry = self._keys.get(result.kid)
         if entry is None or entry[0].team_id != result.iss:
@@ -767,7 +956,7 @@ class Simulator:
         apns_id = headers.get("apns-id")
         echoed = apns_id if apns_id is not None and _UUID_RE.match(apns_id) else str(uuid.uuid4())
         path = headers.get(":path", "")
-        token = path[len(_DEVICE_PREFIX):] if path.startswith(_DEVICE_PREFIX) else ""
+        token = path[len(_DEVICE_PREFIX) :] if path.startswith(_DEVICE_PREFIX) else ""
         try:
             self._validate(conn, stream, token, apns_id)
             status, reason, timestamp = 200, None, None
@@ -786,7 +975,9 @@ class Simulator:
             timestamp_ms=timestamp,
         )
 
-    def _validate(self, conn: _Connection, stream: _Stream, token: str, apns_id: str | None) -> None:
+    def _validate(
+        self, conn: _Connection, stream: _Stream, token: str, apns_id: str | None
+    ) -> None:
         cfg = self.config
         headers = stream.headers
         if headers.get(":method") != "POST":
@@ -803,9 +994,7 @@ class Simulator:
         if apns_id is not None and not _UUID_RE.match(apns_id):
             raise _Rejected(400, "BadMessageId")
 
-        topic = headers.get("apns-topic")
-        self._authenticate(conn, stream, topic)
-
+        topic = self._authenticate(conn, stream, headers.get("apns-topic"))
         if topic is None:
             raise _Rejected(400, "MissingTopic")
         if cfg.allowed_topics is not None and topic not in cfg.allowed_topics:
@@ -873,14 +1062,25 @@ class Simulator:
             if rate > 0 and self._rng.random() < rate:
                 raise _Rejected(status, DEFAULT_FAULT_REASONS.get(status, "InternalServerError"))
 
-    def _authenticate(self, conn: _Connection, stream: _Stream, topic: str | None) -> _Jwt | None:
+    def _authenticate(self, conn: _Connection, stream: _Stream, topic: str | None) -> str | None:
+        """Check the credential; return the topic to use (a single-topic certificate lends
+        its bundle ID when the request names none)."""
         cfg = self.config
+        identity = conn.identity
+        if identity is not None:  # certificate auth: authorization is ignored
+            if topic is None:
+                if len(identity.topics) == 1:
+                    return identity.uid
+                raise _Rejected(400, "MissingTopic")
+            if topic not in identity.topics:
+                raise _Rejected(400, cfg.cert_topic_reason)
+            return topic
         authorization = stream.headers.get("authorization")
         if authorization is None:
             if cfg.require_auth:
                 raise _Rejected(403, "MissingProviderToken")
             conn.open_gate()
-            return None
+            return topic
         scheme, _, credential = authorization.partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             raise _Rejected(403, "MissingProviderToken")
@@ -922,7 +1122,7 @@ class Simulator:
         if key.topics is not None and topic is not None and topic not in key.topics:
             raise _Rejected(403, cfg.key_topic_reason)
         conn.open_gate()
-        return jwt
+        return topic
 
     def _record(self, conn: _Connection, response: _Response) -> None:
         self.request_count += 1
@@ -971,11 +1171,19 @@ class _Stream:
 
 
 class _Connection:
-    def __init__(self, sim: Simulator, conn_id: int, stream: trio.abc.Stream, alpn: str | None) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        conn_id: int,
+        stream: trio.abc.Stream,
+        alpn: str | None,
+        identity: CertIdentity | None,
+    ) -> None:
         cfg = sim.config
         self.sim = sim
         self.id = conn_id
         self.alpn = alpn
+        self.identity = identity
         self._stream = stream
         config = h2.config.H2Configuration(
             client_side=False,
@@ -985,7 +1193,7 @@ class _Connection:
             normalize_outbound_headers=False,
         )
         self.h2 = _ServerH2Connection(config=config)
-        gated = cfg.require_auth and cfg.token_initial_streams is not None
+        gated = identity is None and cfg.require_auth and cfg.token_initial_streams is not None
         self.gate_open = not gated
         initial_streams = cfg.token_initial_streams if gated else sim._max_streams
         assert initial_streams is not None
@@ -1004,7 +1212,9 @@ class _Connection:
         self._delayed: set[int] = set()  # streams whose answer waits in a task
         self._active: set[int] = set()  # streams opened and not yet fully answered or reset
         self._goaway_frame: bytes | None = None  # held back until owed answers are written
-        self._unique_id = cfg.unique_id or (cfg.unique_id is None and cfg.environment == "development")
+        self._unique_id = cfg.unique_id or (
+            cfg.unique_id is None and cfg.environment == "development"
+        )
         self._out = bytearray()  # frames built outside h2 (GOAWAY), sent before h2's next bytes
         self._send_lock = trio.StrictFIFOLock()
         self._kick = trio.Event()
@@ -1051,7 +1261,9 @@ class _Connection:
     def _goaway(self, last: int, error_code: int, debug: bytes) -> None:
         # Built by hand, not with h2's close_connection(): h2 would then refuse to send the
         # answers still owed on streams <= last.
-        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=error_code, additional_data=debug)
+        frame = GoAwayFrame(
+            stream_id=0, last_stream_id=last, error_code=error_code, additional_data=debug
+        )
         self.goaway_last = last
         self._goaway_deadline = trio.current_time() + self.sim.config.goaway_grace
         for stream_id in [s for s in self._streams if s > last]:
@@ -1079,6 +1291,15 @@ class _Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 await self._flush()
+                identity = self.identity
+                if (
+                    identity
+                    and identity.environments
+                    and self.sim.config.environment not in identity.environments
+                ):
+                    self.send_goaway(0, ErrorCodes.NO_ERROR, "BadCertificateEnvironment")
+                    await self._flush_or_finish()
+                    return
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -1160,7 +1381,9 @@ class _Connection:
                     stream.body += event.data
                 if event.flow_controlled_length:
                     with contextlib.suppress(h2.exceptions.StreamClosedError):
-                        self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self._streams.pop(event.stream_id, None)
                 if stream is not None:
@@ -1183,7 +1406,9 @@ class _Connection:
             return  # after our GOAWAY: ignored, never processed
         # h2 has parsed the whole read before we see its events, so count open streams
         # ourselves, as they were when this one arrived.
-        limit = self.h2.local_settings[SettingCodes.MAX_CONCURRENT_STREAMS]  # the acknowledged value
+        limit = self.h2.local_settings[
+            SettingCodes.MAX_CONCURRENT_STREAMS
+        ]  # the acknowledged value
         if len(self._active) >= limit:
             if self.sim.config.stream_violation == "refuse":
                 self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
@@ -1283,14 +1508,20 @@ class _Connection:
         cfg = self.sim.config
         status = response.status
         if 400 <= status < 500 and status != 410:
-            self.error_score += cfg.bad_device_token_weight if response.reason == "BadDeviceToken" else 1
+            self.error_score += (
+                cfg.bad_device_token_weight if response.reason == "BadDeviceToken" else 1
+            )
             if cfg.throttle_on_error and not self.throttled and self.gate_open:
                 self.throttled = True
                 self._update_limit(1)
         elif status == 200 and self.throttled:
             self.throttled = False
             self._update_limit(self.sim._max_streams)
-        if cfg.max_errors is not None and self.error_score >= cfg.max_errors and self.goaway_last is None:
+        if (
+            cfg.max_errors is not None
+            and self.error_score >= cfg.max_errors
+            and self.goaway_last is None
+        ):
             self._goaway(response.stream_id, ErrorCodes.NO_ERROR, b"")
             return
         if self.goaway_last is None:
@@ -1318,7 +1549,9 @@ def _parse_key(spec: str) -> SimKey:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pushd sim", description="Run the bundled APNs simulator.")
+    parser = argparse.ArgumentParser(
+        prog="pushd sim", description="Run the bundled APNs simulator."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=2197)
     parser.add_argument("--tls-dir", type=Path, help="generate (or reuse) ca.pem/server.pem here")
@@ -1326,16 +1559,25 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cert-key", type=Path, help="server private key PEM")
     parser.add_argument("--no-tls", action="store_true", help="cleartext HTTP/2 (prior knowledge)")
     parser.add_argument(
-        "--key", type=_parse_key, action="append", default=[], metavar="KID:TEAM:PEM_PATH",
+        "--key",
+        type=_parse_key,
+        action="append",
+        default=[],
+        metavar="KID:TEAM:PEM_PATH",
         help="trust this signing key (public PEM or .p8); repeatable",
     )
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a JWT")
     parser.add_argument("--streams", type=int, default=1000, help="MAX_CONCURRENT_STREAMS")
     parser.add_argument(
-        "--initial-streams", type=int, default=1, metavar="N",
+        "--initial-streams",
+        type=int,
+        default=1,
+        metavar="N",
         help="stream limit on a token connection before its first valid JWT (0: no gate)",
     )
-    parser.add_argument("--environment", choices=("production", "development"), default="production")
+    parser.add_argument(
+        "--environment", choices=("production", "development"), default="production"
+    )
     parser.add_argument("--record", type=Path, help="append each request to FILE as a JSON line")
     parser.add_argument("--rate-429", type=float, default=0.0, metavar="P")
     parser.add_argument("--rate-500", type=float, default=0.0, metavar="P")

@@ -147,7 +147,9 @@ class Client:
             self.h2.send_data(stream_id, body, end_stream=True)
         return self.replies[stream_id]
 
-    async def post(self, headers: list[tuple[str, str]], body: bytes = b'{"aps":{"alert":"hi"}}') -> Reply:
+    async def post(
+        self, headers: list[tuple[str, str]], body: bytes = b'{"aps":{"alert":"hi"}}'
+    ) -> Reply:
         reply = self.send(headers, body)
         await self.flush()
         with trio.fail_after(5):
@@ -223,7 +225,9 @@ def fake_wall_clock() -> float:
     return BASE_TIME + trio.current_time()
 
 
-def make_jwt(private_pem: bytes, iat: float | None = None, *, kid: str = KID, team: str = TEAM) -> str:
+def make_jwt(
+    private_pem: bytes, iat: float | None = None, *, kid: str = KID, team: str = TEAM
+) -> str:
     issued = int(fake_wall_clock() if iat is None else iat)
     return sign_provider_token(private_pem, kid, team, issued)
 
@@ -313,16 +317,30 @@ VALIDATION_CASES: list[tuple[str, dict[str, Any], bytes, int, str]] = [
     (
         "background at 10",
         {"extra": [("apns-push-type", "background"), ("apns-priority", "10")]},
-        PAYLOAD, 400, "BadPriority",
+        PAYLOAD,
+        400,
+        "BadPriority",
     ),
     ("expiration", {"extra": [("apns-expiration", "tomorrow")]}, PAYLOAD, 400, "BadExpirationDate"),
     ("collapse id", {"extra": [("apns-collapse-id", "é" * 33)]}, PAYLOAD, 400, "BadCollapseId"),
     ("push type", {"extra": [("apns-push-type", "banner")]}, PAYLOAD, 400, "InvalidPushType"),
     ("topic", {"topic": None}, PAYLOAD, 400, "MissingTopic"),
-    ("duplicate", {"extra": [("apns-priority", "10"), ("apns-priority", "5")]}, PAYLOAD, 400, "DuplicateHeaders"),
+    (
+        "duplicate",
+        {"extra": [("apns-priority", "10"), ("apns-priority", "5")]},
+        PAYLOAD,
+        400,
+        "DuplicateHeaders",
+    ),
     ("empty body", {}, b"", 400, "PayloadEmpty"),
     ("too large", {}, b"x" * 4097, 413, "PayloadTooLarge"),
-    ("voip too large", {"extra": [("apns-push-type", "voip")], "topic": TOPIC + ".voip"}, b"x" * 5121, 413, "PayloadTooLarge"),
+    (
+        "voip too large",
+        {"extra": [("apns-push-type", "voip")], "topic": TOPIC + ".voip"},
+        b"x" * 5121,
+        413,
+        "PayloadTooLarge",
+    ),
 ]
 
 
@@ -360,7 +378,8 @@ async def test_accepted_edge_values(start: Callable[..., Any]) -> None:
         reply = await client.post(request_headers(jwt=jwt, extra=extra))
         assert reply.status == 200, extra
     voip = await client.post(
-        request_headers(jwt=jwt, topic=TOPIC + ".voip", extra=[("apns-push-type", "voip")]), b"x" * 5120
+        request_headers(jwt=jwt, topic=TOPIC + ".voip", extra=[("apns-push-type", "voip")]),
+        b"x" * 5120,
     )
     assert voip.status == 200
     long_token = await client.post(request_headers("cd" * 80, jwt=jwt), b"x" * 4096)
@@ -387,7 +406,10 @@ async def test_token_states(start: Callable[..., Any]) -> None:
     env.sim.set_token_state(expired, expired=True)
     env.sim.set_token_state(sandbox, environment="development")
     reply = await client.post(request_headers(gone, jwt=jwt))
-    assert reply.status == 410 and reply.json == {"reason": "Unregistered", "timestamp": 1_700_000_000_123}
+    assert reply.status == 410 and reply.json == {
+        "reason": "Unregistered",
+        "timestamp": 1_700_000_000_123,
+    }
     reply = await client.post(request_headers(expired, jwt=jwt))
     assert (reply.status, reply.json) == (410, {"reason": "ExpiredToken"})
     reply = await client.post(request_headers(sandbox, jwt=jwt))
@@ -417,7 +439,9 @@ async def test_missing_and_invalid_provider_tokens(
     client = await env.client()
     missing = await client.post(request_headers(jwt=None))
     assert (missing.status, missing.reason) == (403, "MissingProviderToken")
-    not_bearer = await client.post(request_headers(jwt=None, extra=[("authorization", "basic abc")]))
+    not_bearer = await client.post(
+        request_headers(jwt=None, extra=[("authorization", "basic abc")])
+    )
     assert not_bearer.reason == "MissingProviderToken"
 
     _, stranger_pem = generate_signing_key(KID, TEAM)
@@ -429,7 +453,11 @@ async def test_missing_and_invalid_provider_tokens(
         make_jwt(env.private_pem, team="OTHERTEAM1"),  # kid/iss pair unknown
     ]
     _, claims, signature = env.jwt().split(".")
-    hs256 = base64.urlsafe_b64encode(b'{"alg":"HS256","kid":"' + KID.encode() + b'"}').rstrip(b"=").decode()
+    hs256 = (
+        base64.urlsafe_b64encode(b'{"alg":"HS256","kid":"' + KID.encode() + b'"}')
+        .rstrip(b"=")
+        .decode()
+    )
     invalid.append(f"{hs256}.{claims}.{signature}")
     for jwt in invalid:
         reply = await client.post(request_headers(jwt=jwt))
@@ -456,7 +484,9 @@ async def test_expired_provider_token(start: Callable[..., Any]) -> None:
     assert (await client.post(request_headers(jwt=fresh_enough))).status == 200
 
 
-async def test_token_updates_too_often(start: Callable[..., Any], autojump_clock: trio.testing.MockClock) -> None:
+async def test_token_updates_too_often(
+    start: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
     env = await start()
     client = await env.client()
     first = env.jwt()
@@ -474,7 +504,9 @@ async def test_token_updates_too_often(start: Callable[..., Any], autojump_clock
     assert (await other.post(request_headers(jwt=env.jwt(fake_wall_clock())))).status == 200
 
 
-async def test_wedge_after_token_update(start: Callable[..., Any], autojump_clock: trio.testing.MockClock) -> None:
+async def test_wedge_after_token_update(
+    start: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
     env = await start(jwt_wedge=300.0)
     client = await env.client()
     first = env.jwt()
@@ -501,7 +533,9 @@ async def test_key_binding_rules(start: Callable[..., Any], signing: tuple[SimKe
 
     unrelated = await client.post(request_headers(jwt=make_jwt(pem_b, kid="UNRELATED1")))
     assert (unrelated.status, unrelated.reason) == (403, "UnrelatedKeyIdInToken")
-    team = await client.post(request_headers(jwt=make_jwt(pem_t, kid="OTHERKEY01", team="OTHERTEAM1")))
+    team = await client.post(
+        request_headers(jwt=make_jwt(pem_t, kid="OTHERKEY01", team="OTHERTEAM1"))
+    )
     assert (team.status, team.reason) == (403, "UnrelatedKeyIdInToken")
     # The related key is allowed, but it is a new token within 20 minutes.
     rel = await client.post(request_headers(jwt=make_jwt(related_pem, kid="RELATED001")))
@@ -644,7 +678,9 @@ async def test_schedule_goaway_mid_stream(start: Callable[..., Any]) -> None:
     assert again.goaway is None
 
 
-async def test_idle_timeout(start: Callable[..., Any], autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_timeout(
+    start: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
     env = await start(idle_timeout=30.0)
     client = await env.client()
     assert (await client.post(request_headers(jwt=env.jwt()))).status == 200
@@ -687,7 +723,9 @@ async def test_large_body_flow_control(start: Callable[..., Any]) -> None:
     big = b"x" * 200_000  # > 65535 stream window: needs WINDOW_UPDATEs
     stream_id = client.h2.get_next_available_stream_id()
     client.replies[stream_id] = Reply(stream_id)
-    client.h2.send_headers(stream_id, [(k.encode(), v.encode()) for k, v in request_headers(jwt=jwt)])
+    client.h2.send_headers(
+        stream_id, [(k.encode(), v.encode()) for k, v in request_headers(jwt=jwt)]
+    )
     sent = 0
     while sent < len(big):
         window = client.h2.local_flow_control_window(stream_id)
@@ -702,7 +740,10 @@ async def test_large_body_flow_control(start: Callable[..., Any]) -> None:
     await client.flush()
     with trio.fail_after(5):
         await client.replies[stream_id].done.wait()
-    assert (client.replies[stream_id].status, client.replies[stream_id].reason) == (413, "PayloadTooLarge")
+    assert (client.replies[stream_id].status, client.replies[stream_id].reason) == (
+        413,
+        "PayloadTooLarge",
+    )
     record = env.sim.requests[-1]
     assert len(record.body) == 200_000
 
@@ -720,7 +761,11 @@ async def test_error_rates_with_seed(start: Callable[..., Any]) -> None:
             reply = await client.post(request_headers(jwt=jwt))
             statuses.append(reply.status)
             if reply.status != 200:
-                expected = {429: "TooManyRequests", 500: "InternalServerError", 503: "ServiceUnavailable"}
+                expected = {
+                    429: "TooManyRequests",
+                    500: "InternalServerError",
+                    503: "ServiceUnavailable",
+                }
                 assert reply.reason == expected[reply.status]
         return statuses
 
@@ -738,12 +783,18 @@ async def test_inject_faults(start: Callable[..., Any]) -> None:
     env.sim.inject(503, "Shutdown", count=2)
     env.sim.inject(500, token="ef" * 32)
     replies = [await client.post(request_headers(jwt=jwt)) for _ in range(3)]
-    assert [(r.status, r.reason) for r in replies] == [(503, "Shutdown"), (503, "Shutdown"), (200, None)]
+    assert [(r.status, r.reason) for r in replies] == [
+        (503, "Shutdown"),
+        (503, "Shutdown"),
+        (200, None),
+    ]
     assert (await client.post(request_headers("ef" * 32, jwt=jwt))).reason == "InternalServerError"
     assert (await client.post(request_headers("ef" * 32, jwt=jwt))).status == 200
 
 
-async def test_token_rate_limit(start: Callable[..., Any], autojump_clock: trio.testing.MockClock) -> None:
+async def test_token_rate_limit(
+    start: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
     env = await start(token_rate_limit=(3, 10.0))
     client = await env.client()
     jwt = env.jwt()
@@ -800,7 +851,9 @@ async def test_error_driven_disconnect(start: Callable[..., Any]) -> None:
     env.sim.set_token_state("01" * 32, unregistered_at_ms=1)
     for _ in range(3):
         assert (await client.post(request_headers("01" * 32, jwt=jwt))).status == 410  # no error
-    assert (await client.post(request_headers(jwt=jwt, extra=[("apns-priority", "3")]))).status == 400
+    assert (
+        await client.post(request_headers(jwt=jwt, extra=[("apns-priority", "3")]))
+    ).status == 400
     assert not client.closed.is_set()
     assert (await client.post(request_headers("0", jwt=jwt))).reason == "BadDeviceToken"
     await client.wait_for(lambda: client.closed.is_set())
@@ -833,7 +886,9 @@ async def test_untrusted_ca_rejected(start: Callable[..., Any], tmp_path: Path) 
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
 
 
-async def test_generated_tls_in_temp_dir_and_cleartext(nursery: trio.Nursery, signing: tuple[SimKey, bytes]) -> None:
+async def test_generated_tls_in_temp_dir_and_cleartext(
+    nursery: trio.Nursery, signing: tuple[SimKey, bytes]
+) -> None:
     key, pem = signing
     sim = Simulator(SimConfig(keys=[key]))
     await nursery.start(sim.serve)
@@ -890,8 +945,19 @@ async def test_command_line_serves_and_records(nursery: trio.Nursery, tmp_path: 
     record = tmp_path / "requests.jsonl"
     process = await trio.lowlevel.open_process(
         [
-            sys.executable, "-m", "apns.simulator", "--port", "0", "--tls-dir", str(tmp_path / "tls"),
-            "--key", f"{KID}:{TEAM}:{tmp_path / 'key.pem'}", "--streams", "7", "--record", str(record),
+            sys.executable,
+            "-m",
+            "apns.simulator",
+            "--port",
+            "0",
+            "--tls-dir",
+            str(tmp_path / "tls"),
+            "--key",
+            f"{KID}:{TEAM}:{tmp_path / 'key.pem'}",
+            "--streams",
+            "7",
+            "--record",
+            str(record),
         ],
         stdout=subprocess.PIPE,
     )
@@ -937,7 +1003,11 @@ async def test_httpx_client_interoperates(start: Callable[..., Any]) -> None:
     env.sim.set_token_state("0f" * 32, unregistered_at_ms=1_650_000_000_000)
     assert env.sim.tls is not None
     context = client_context(env.sim.tls.ca_file)
-    headers = {"authorization": f"bearer {env.jwt()}", "apns-topic": TOPIC, "apns-push-type": "alert"}
+    headers = {
+        "authorization": f"bearer {env.jwt()}",
+        "apns-topic": TOPIC,
+        "apns-push-type": "alert",
+    }
     async with httpx.AsyncClient(http2=True, verify=context) as client:
         base = f"https://localhost:{env.sim.port}/3/device/"
         ok = await client.post(base + TOKEN, headers=headers, content=b'{"aps":{"alert":"hi"}}')
@@ -960,3 +1030,88 @@ async def test_malformed_request_is_reset(start: Callable[..., Any]) -> None:
     assert env.sim.requests == []
     # The connection survives a malformed request.
     assert (await client.post(request_headers(jwt=jwt))).status == 200
+
+
+# ---- certificate auth
+
+
+async def open_cert_client(
+    sim: Simulator, nursery: trio.Nursery, cert: tuple[Path, Path]
+) -> Client:
+    assert sim.tls is not None
+    context = client_context(sim.tls.ca_file)
+    context.load_cert_chain(*cert)
+    raw = await trio.open_tcp_stream("127.0.0.1", sim.port)
+    stream = trio.SSLStream(raw, context, server_hostname="localhost")
+    await stream.do_handshake()
+    client = Client(stream)
+    await client.start(nursery)
+    return client
+
+
+async def test_certificate_auth(
+    start: Callable[..., Any], tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    from apns.simulator import CertIdentity, generate_client_certificate
+
+    env = await start(client_ca_file=tls_files.ca_file)
+    multi = generate_client_certificate(tls_files, tmp_path, TOPIC)
+    identity = CertIdentity.from_der(ssl.PEM_cert_to_DER_cert(multi[0].read_text()))
+    assert identity == CertIdentity(
+        TOPIC,
+        frozenset({TOPIC, TOPIC + ".voip", TOPIC + ".complication"}),
+        frozenset({"development", "production"}),
+    )
+    client = await open_cert_client(env.sim, env.nursery, multi)
+    await client.wait_for(lambda: client.max_streams == 1000)  # no token gate
+    assert (await client.post(request_headers(jwt=None))).status == 200  # no JWT needed
+    assert (
+        await client.post(request_headers(jwt="ignored"))
+    ).status == 200  # authorization ignored
+    voip = await client.post(request_headers(jwt=None, topic=TOPIC + ".voip"))
+    assert voip.status == 200
+    assert (await client.post(request_headers(jwt=None, topic=None))).reason == "MissingTopic"
+    other = await client.post(request_headers(jwt=None, topic="com.other.app"))
+    assert (other.status, other.reason) == (400, "BadTopic")
+    location = await client.post(request_headers(jwt=None, topic=TOPIC + ".location-query"))
+    assert location.reason == "BadTopic"
+
+    single = generate_client_certificate(
+        tls_files, tmp_path / "single", "com.example.solo", extra_topics=()
+    )
+    solo = await open_cert_client(env.sim, env.nursery, single)
+    assert (await solo.post(request_headers(jwt=None, topic=None))).status == 200  # defaults to UID
+
+    # Token clients keep working beside certificate clients.
+    token_client = await env.client()
+    assert (await token_client.post(request_headers(jwt=env.jwt()))).status == 200
+
+
+async def test_certificate_wrong_environment_goaway(
+    start: Callable[..., Any], tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    from apns.simulator import generate_client_certificate
+
+    env = await start(client_ca_file=tls_files.ca_file)
+    sandbox = generate_client_certificate(tls_files, tmp_path, TOPIC, environments=["development"])
+    client = await open_cert_client(env.sim, env.nursery, sandbox)
+    await client.wait_for(lambda: client.closed.is_set())
+    assert client.goaway is not None
+    assert json.loads(client.goaway.additional_data or b"") == {
+        "reason": "BadCertificateEnvironment"
+    }
+
+
+async def test_certificate_from_unknown_ca_refused(
+    start: Callable[..., Any], tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    from apns.simulator import generate_client_certificate
+
+    env = await start(client_ca_file=tls_files.ca_file)
+    stranger = generate_tls(tmp_path / "stranger")
+    cert = generate_client_certificate(stranger, tmp_path, TOPIC)
+    with pytest.raises(trio.BrokenResourceError):
+        client = await open_cert_client(env.sim, env.nursery, cert)
+        # TLS 1.3: the server's verdict on the client certificate arrives after the handshake.
+        await client.post(request_headers(jwt=None))
+    assert env.sim.requests == []
