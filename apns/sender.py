@@ -32,6 +32,7 @@ from typing import TypedDict
 
 import structlog
 import trio
+from hpack import NeverIndexedHeaderTuple
 
 from apns.auth import TokenAuth
 from apns.connection import (
@@ -299,11 +300,14 @@ class Sender:
         prefix = self._prefix
         jobs = batch.ready
         for i, job in enumerate(jobs):
-            headers = [*prefix, (b":path", job.path)]
+            headers: Headers = [*prefix, NeverIndexedHeaderTuple(b":path", job.path)]
             if auth is not None:
                 job.authorization = auth.authorization()
                 headers.append((b"authorization", job.authorization))
-            headers += job.notification.headers
+            for header in job.notification.headers:
+                if header[0] == b"apns-id":  # unique: kept out of the HPACK table
+                    header = NeverIndexedHeaderTuple(*header)
+                headers.append(header)
             if not pool.submit(Request(headers, job.notification.body, deadline, job.done)):
                 batch.ready = jobs[i:]
                 return False
