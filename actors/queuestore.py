@@ -21,8 +21,10 @@ to ``10**k`` devices ranks as if it had been enqueued ``k * range_seconds`` late
 targeted push overtakes the remainder of a broadcast of the same priority for
 ``k * range_seconds`` after the broadcast started, after which the broadcast's age wins.
 Because ``rank`` does not depend on ``now`` it is indexed (partial index on ``(shard,
-rank)`` over queued items), so leasing from a million queued rows reads only the rows it
-returns (plus any not yet due by ``not_before``).
+rank)`` over queued items that are due), so leasing from a million queued rows reads only
+the rows it returns. Items not due yet (a retry's ``not_before``, a scheduled send) are
+``deferred``: kept out of that index, in one ordered by ``not_before``, and moved back by
+the lease that finds them due, so a backlog deferred by an APNs outage costs nothing.
 
 All times are unix seconds (floats) supplied by the caller; the store never reads a clock.
 """
@@ -248,6 +250,7 @@ class QueueStore:
                         self.rank(enqueued_at=now, priority=priority, audience=msg["audience"]),
                         now,
                         now if item.not_before is None else item.not_before,
+                        item.not_before is not None and item.not_before > now,
                         "skipped" if skipped else "queued",
                         "skipped" if skipped else None,
                         item.skip_reason,
@@ -257,8 +260,8 @@ class QueueStore:
             before = conn.total_changes
             conn.executemany(
                 """INSERT INTO items (message_id, device_id, shard, idcode, priority, rank,
-                       enqueued_at, not_before, state, outcome, reason, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       enqueued_at, not_before, deferred, state, outcome, reason, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (message_id, device_id) DO NOTHING""",
                 rows,
             )
@@ -287,16 +290,21 @@ class QueueStore:
         until = now + lease_seconds
 
         def write(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+            conn.execute(
+                """UPDATE items SET deferred = 0
+                   WHERE shard = ? AND state = 'queued' AND deferred = 1 AND not_before <= ?""",
+                (shard, now),
+            )
             rows = conn.execute(
                 """UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
                        attempts = attempts + 1, updated_at = ?
                    WHERE item_id IN (
                        SELECT item_id FROM items INDEXED BY items_ready
-                       WHERE shard = ? AND state = 'queued' AND not_before <= ?
+                       WHERE shard = ? AND state = 'queued' AND deferred = 0
                        ORDER BY rank LIMIT ?)
                    RETURNING item_id, message_id, device_id, shard, idcode, priority,
                        enqueued_at, attempts, rank""",
-                (owner, until, now, shard, now, limit),
+                (owner, until, now, shard, limit),
             ).fetchall()
             message_ids = sorted({r["message_id"] for r in rows})
             messages = []
@@ -381,10 +389,10 @@ class QueueStore:
         return await self.store.transaction(
             lambda conn: (
                 conn.executemany(
-                    """UPDATE items SET state = 'queued', not_before = ?, reason = ?,
-                       lease_owner = NULL, lease_until = NULL, updated_at = ?
+                    """UPDATE items SET state = 'queued', not_before = ?, deferred = ?,
+                       reason = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?
                    WHERE item_id = ? AND state = 'leased'""",
-                    [(not_before, reason, now, item_id) for item_id in item_ids],
+                    [(not_before, not_before > now, reason, now, i) for i in item_ids],
                 ).rowcount
             )
         )
@@ -431,8 +439,8 @@ class QueueStore:
                 (now, now, self.max_attempts),
             ).fetchall()
             requeued = conn.execute(
-                """UPDATE items SET state = 'queued', lease_owner = NULL, lease_until = NULL,
-                       reason = 'LeaseExpired', updated_at = ?
+                """UPDATE items SET state = 'queued', deferred = 0, lease_owner = NULL,
+                       lease_until = NULL, reason = 'LeaseExpired', updated_at = ?
                    WHERE state = 'leased' AND lease_until <= ?""",
                 (now, now),
             ).rowcount
@@ -530,15 +538,22 @@ class QueueStore:
         earliest lease expiry on it (to reclaim); None when it has neither."""
 
         def read(conn: sqlite3.Connection) -> float | None:
-            (due,) = conn.execute(
-                "SELECT min(not_before) FROM items WHERE shard = ? AND state = 'queued'",
+            ready = conn.execute(
+                """SELECT not_before FROM items INDEXED BY items_ready
+                   WHERE shard = ? AND state = 'queued' AND deferred = 0 LIMIT 1""",
                 (shard,),
             ).fetchone()
+            (deferred,) = conn.execute(
+                """SELECT min(not_before) FROM items INDEXED BY items_deferred
+                   WHERE shard = ? AND state = 'queued' AND deferred = 1""",
+                (shard,),
+            ).fetchone()
+            due = None if ready is None else ready[0]
             (lease,) = conn.execute(
                 "SELECT min(lease_until) FROM items WHERE shard = ? AND state = 'leased'",
                 (shard,),
             ).fetchone()
-            times = [t for t in (due, lease) if t is not None]
+            times = [t for t in (due, deferred, lease) if t is not None]
             return min(times) if times else None
 
         return await self.store.read(read)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actors.queuestore import ItemResult, ItemRow, MessageRow, QueueStore, UnknownMessage
-from actors.storage import open_store
+from actors.storage import MIGRATIONS, open_store
 
 T0 = 1_700_000_000.0
 AGING = 60.0
@@ -293,3 +293,54 @@ async def test_items_enqueued_as_skipped_are_never_leased(queue: QueueStore) -> 
     await queue.create_message(message("all-skipped", audience=1))
     await queue.enqueue("all-skipped", [ItemRow("x", 0, b"c", skip_reason="r")], now=T0)
     assert (await queue.message_state("all-skipped"))["state"] == "done"
+
+
+async def test_a_deferred_retry_does_not_hold_back_ready_items(queue: QueueStore) -> None:
+    await push(queue, "first", 1, priority=10)
+    await push(queue, "second", 1, priority=1)
+    (item,) = await queue.lease(shard=0, owner="n", limit=1, now=T0, lease_seconds=30)
+    assert item.message_id == "first"
+    await queue.retry([item.item_id], not_before=T0 + 100, reason="ServiceUnavailable", now=T0)
+    (second,) = await queue.lease(shard=0, owner="n", limit=9, now=T0 + 50, lease_seconds=30)
+    assert second.message_id == "second"
+    assert await queue.next_ready_time(0) == T0 + 80  # second's lease, to reclaim
+    await queue.ack([ItemResult(second.item_id, "sent", "success")], now=T0 + 51)
+    assert await queue.next_ready_time(0) == T0 + 100
+    assert await lease_ids(queue, now=T0 + 100) == ["first"]
+    assert await queue.next_ready_time(0) == T0 + 130  # its lease, to reclaim
+
+
+async def test_scheduled_items_wait_for_not_before(queue: QueueStore) -> None:
+    await queue.create_message(message("later", audience=1))
+    await queue.enqueue("later", [ItemRow("d", 0, b"c", not_before=T0 + 60)], now=T0)
+    assert await lease_ids(queue, now=T0 + 59) == []
+    assert await queue.next_ready_time(0) == T0 + 60
+    assert await lease_ids(queue, now=T0 + 60) == ["later"]
+
+
+async def test_upgrading_a_version_3_queue_keeps_future_items_deferred(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    far = 4_000_000_000.0  # a not_before well after the migration runs
+    async with open_store(path, migrations=MIGRATIONS[:3]) as store:
+        await store.execute(
+            "INSERT INTO messages (message_id, payload, priority, push_type, created_at,"
+            " target, meta, audience, state) VALUES ('m', ?, 10, 'alert', 0, ?, ?, 2, 'active')",
+            (b"\x80", b"\x80", b"\x80"),
+        )
+        await store.executemany(
+            "INSERT INTO items (message_id, device_id, shard, idcode, priority, rank,"
+            " enqueued_at, not_before, state, updated_at)"
+            " VALUES ('m', ?, 0, x'00', 10, 0, 0, ?, 'queued', 0)",
+            [("now", 0.0), ("later", far)],
+        )
+    async with open_store(path) as store:
+        queue = QueueStore(store)
+        leased = await queue.lease(shard=0, owner="n", limit=9, now=T0, lease_seconds=9)
+        assert [i.device_id for i in leased] == ["now"]
+        assert await queue.next_ready_time(0) == T0 + 9
+        await queue.ack([ItemResult(leased[0].item_id, "sent", "success")], now=T0)
+        assert await queue.next_ready_time(0) == far
+        assert [
+            i.device_id
+            for i in await queue.lease(shard=0, owner="n", limit=9, now=far, lease_seconds=9)
+        ] == ["later"]
