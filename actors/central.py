@@ -41,6 +41,8 @@ log = structlog.get_logger("actors.central")
 
 MAX_LISTED_IDS = 10_000
 SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
+UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches
+FANOUT_ATTEMPTS = 3  # a fan-out failing this often is given up (recorded), not retried forever
 
 
 class Rejected(ValueError):
@@ -179,6 +181,7 @@ class CentralActor:
         self._fanouts_send, self._fanouts_recv = trio.open_memory_channel[str](0)
         self._pending: list[str] = []
         self._have_pending = trio.Event()
+        self._failures: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, self.queue_notes, trio.open_nursery() as nursery:
@@ -323,10 +326,18 @@ class CentralActor:
             message_id = self._pending.pop(0)
             try:
                 await self.fan_out(message_id)
-            except Exception:
-                # Leave it unfinished: it is fanned out again when central restarts.
-                log.exception("fan-out failed", message_id=message_id)
-                raise
+            except Exception as exc:
+                # One bad message must not take central down with it: retry it a few
+                # times (idempotent), then record the failure and move on.
+                self._failures[message_id] = self._failures.get(message_id, 0) + 1
+                log.exception("fan-out failed", message_id=message_id, attempt=self._failures[message_id])
+                if self._failures[message_id] < FANOUT_ATTEMPTS:
+                    self._schedule(message_id)
+                else:
+                    await self.queue.store.execute(
+                        "UPDATE messages SET fanout_done = -1 WHERE message_id = ?", (message_id,)
+                    )
+                    log.error("fan-out given up", message_id=message_id, error=f"{type(exc).__name__}: {exc}")
 
     async def _unfinished_fanouts(self) -> list[str]:
         rows = await self.queue.store.fetchall(
@@ -367,7 +378,9 @@ class CentralActor:
                 )
                 if verdict.reason == "not_targeted":
                     continue
-                code = IdCode(message_id, record.device_id, record.user_id, verdict.class_id or "", issued)
+                code = IdCode(
+                    message_id, record.device_id, record.user_id, verdict.class_id or UNCLASSIFIED, issued
+                )
                 shard = live.shard_of(record.device_id, record.attributes)
                 items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=live.codes.seal(code)))
                 if verdict.reason is not None:

@@ -66,7 +66,7 @@ def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal
     message = item.message
     if record.topic != message.notification.get("topic"):
         return Refusal("skipped", "topic_changed")
-    if code.class_id:
+    if code.class_id and code.class_id != "unclassified":
         rule = live.classifier.rule(code.class_id)
         if rule is None:
             return Refusal("skipped", "class_removed")

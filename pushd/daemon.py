@@ -73,6 +73,11 @@ class Daemon:
     # -- public ---------------------------------------------------------------------
 
     @property
+    def pipeline(self) -> Any:
+        """The running pushd.pipeline.Pipeline (None before start): for tests and tools."""
+        return self._pipeline
+
+    @property
     def ready(self) -> trio.Event:
         return self._ready
 

@@ -15,6 +15,7 @@ import trio
 
 from actors.central import Rejected
 from actors.messages import Envelope, PushAccepted, RegistryChanged, SubmitPush
+from actors.queuestore import UnknownMessage
 from actors.registry import Consent, InvalidField, Permissions, Registration
 from apns.payload import redact_token
 from pushd.control import Peer
@@ -231,9 +232,12 @@ class Ops:
             raise _invalid("page", "must be >= 0")
         if not 1 <= page_size <= 10_000:
             raise _invalid("page_size", "must be within 1..10000")
-        state = await self.p.queue.message_state(message_id, page=page, page_size=page_size)
-        if state is None:
-            raise OpError(ErrorCode.NOT_FOUND, f"no message {message_id!r}", field="message_id")
+        try:
+            state = await self.p.queue.message_state(message_id, page=page, page_size=page_size)
+        except UnknownMessage:
+            raise OpError(ErrorCode.NOT_FOUND, f"no message {message_id!r}", field="message_id") from None
+        row = await self.p.store.fetchone("SELECT fanout_done FROM messages WHERE message_id = ?", (message_id,))
+        state["fanout"] = {0: "running", 1: "done", -1: "failed"}.get(row[0] if row else 1, "done")
         return state
 
     async def classes(self, args: dict[str, Any], peer: Peer) -> Any:

@@ -1,0 +1,227 @@
+"""The push pipeline end to end through the control socket, against the embedded
+simulator, whose request log is the ground truth."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from pushd.client import RequestFailed
+from tests.pipeline_helpers import alert, call, device, reached, running, settled, simulator
+
+
+async def register_all(root: Path, regs: list[dict]) -> dict[str, str]:
+    tokens = {}
+    for reg in regs:
+        await call(root, "register", **reg)
+        tokens[reg["device_id"]] = reg["token"]
+    return tokens
+
+
+async def test_targets_reach_exactly_the_right_devices(short_tmp: Path) -> None:
+    regs = [
+        device("d1", "u1", app_version="1.5.0"),
+        device("d2", "u1"),
+        device("d3", "u2", attributes={"tier": "gold"}),
+        device("d4", "u3", attributes={"tier": "silver"}),
+        device("d5", "u4", topic="com.other.app"),
+    ]
+    async with running(short_tmp) as daemon:
+        tok = await register_all(short_tmp, regs)
+
+        async def push_to(target: dict) -> set[str]:
+            accepted = await call(short_tmp, "push", notification=alert(), target=target)
+            state = await settled(short_tmp, accepted["message_id"])
+            assert state["states"]["sent"] == len(reached(daemon, accepted["message_id"]))
+            return {d for d, t in tok.items() if t in reached(daemon, accepted["message_id"])}
+
+        assert await push_to({"devices": ["d2", "d4"]}) == {"d2", "d4"}
+        assert await push_to({"users": ["u1"]}) == {"d1", "d2"}
+        assert await push_to({"classes": ["needs-update"]}) == {"d1"}
+        assert await push_to({"classes": ["vip"]}) == {"d3"}
+        assert await push_to({"filter": {"field": "user.attributes.tier", "in": ["gold", "silver"]}}) == {"d3", "d4"}
+        assert await push_to({"all": True}) == {"d1", "d2", "d3", "d4"}  # d5 is another app
+
+        # every request carried a valid identification and the standard headers
+        for r in simulator(daemon).requests:
+            assert r.headers["apns-topic"] == "com.example.app"
+            assert r.status == 200
+
+
+async def test_invalid_input_names_the_field_and_stores_nothing(short_tmp: Path) -> None:
+    async with running(short_tmp):
+        cases = [
+            ({"notification": alert(), "target": {"devicez": ["x"]}}, "target.devicez"),
+            ({"notification": alert(), "target": {"classes": ["nope"]}}, "target.classes"),
+            ({"notification": alert(), "target": {"all": True}, "priority": 42}, "priority"),
+            ({"notification": {"aps": {"alert": 5}, "topic": "com.example.app"}, "target": {"all": True}}, "notification.aps.alert"),
+            ({"notification": alert(), "target": {"filter": {"field": "device.os_version", "semver_lt": 17}}}, "target.filter.semver_lt"),
+            ({"notification": alert(), "target": {"all": True}, "colour": "red"}, "colour"),
+        ]
+        for args, field in cases:
+            with pytest.raises(RequestFailed) as info:
+                await call(short_tmp, "push", **args)
+            assert info.value.code == "invalid_argument"
+            assert info.value.field == field, (field, info.value.message)
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "register", **device("bad", "u1", time_zone="Mars/Base"))
+        assert info.value.field == "time_zone"
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "register", **device("bad", "u1", token="xyz"))
+        assert info.value.field == "token"
+        stats = await call(short_tmp, "stats")
+        assert stats["queue"]["messages"] == {}
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "device", device_id="bad")
+        assert info.value.code == "not_found"
+
+
+async def test_stale_class_and_permission_skips_are_recorded(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        tok = await register_all(
+            short_tmp,
+            [
+                device("old", "u1", app_version="1.0.0"),
+                device("nobg", "u2", permissions={"background": False}),
+                device("nopromo", "u3", permissions={"categories_refused": ["promo"]}),
+                device("ok", "u4"),
+            ],
+        )
+        promo = await call(
+            short_tmp, "push", notification=alert(aps={"alert": "sale", "category": "promo"}), target={"all": True}
+        )
+        state = await settled(short_tmp, promo["message_id"])
+        assert state["reasons"].get("category_refused") == 1
+        assert {d for d, t in tok.items() if t in reached(daemon, promo["message_id"])} == {"old", "nobg", "ok"}
+
+        bg = await call(
+            short_tmp,
+            "push",
+            notification={"aps": {"content-available": 1}, "push_type": "background", "topic": "com.example.app"},
+            target={"devices": ["nobg", "ok"]},
+            priority=5,
+        )
+        state = await settled(short_tmp, bg["message_id"])
+        assert state["reasons"] == {"no_background_permission": 1}
+        assert set(reached(daemon, bg["message_id"])) == {tok["ok"]}
+
+
+async def test_dead_token_is_retired_and_not_used_again(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        tok = await register_all(short_tmp, [device("gone", "u1"), device("here", "u2")])
+        await trio.sleep(0.01)
+        simulator(daemon).set_token_state(tok["gone"], unregistered_at_ms=int(time.time() * 1000))
+        first = await call(short_tmp, "push", notification=alert(), target={"all": True})
+        state = await settled(short_tmp, first["message_id"])
+        assert state["reasons"] == {"Unregistered": 1}
+        assert (await call(short_tmp, "device", device_id="gone"))["active"] is False
+        before = len(simulator(daemon).requests)
+        second = await call(short_tmp, "push", notification=alert(), target={"all": True})
+        assert second["targeted"] == 1
+        await settled(short_tmp, second["message_id"])
+        assert [r.token for r in simulator(daemon).requests[before:]] == [tok["here"]]
+        # a registration newer than APNs's timestamp revives it
+        await trio.sleep(0.01)
+        await call(short_tmp, "register", **device("gone", "u1", token=tok["gone"]))
+        assert (await call(short_tmp, "device", device_id="gone"))["active"] is True
+
+
+async def enqueue_direct(
+    daemon, device_id: str, *, user_id: str, class_id: str, delay: float = 0.5, tamper=None, priority: int = 10
+) -> str:
+    """A pre-push message written straight into the queue (as central would), due after
+    ``delay`` seconds so the test can change the world before a node sees it."""
+    import uuid
+
+    from actors.idcode import IdCode
+    from actors.queuestore import ItemRow, MessageRow
+
+    p = daemon.pipeline
+    live = p.live.current
+    message_id = str(uuid.uuid4())
+    now = time.time()
+    await p.queue.create_message(
+        MessageRow(
+            message_id=message_id,
+            notification={**alert(), "collapse_id": message_id},
+            priority=priority,
+            push_type="alert",
+            created_at=now,
+            audience=1,
+            target={"devices": [device_id]},
+            expiration=now + 600,
+            collapse_id=message_id,
+        )
+    )
+    sealed = live.codes.seal(IdCode(message_id, device_id, user_id, class_id, int(now * 1000)))
+    if tamper is not None:
+        sealed = tamper(sealed)
+    shard = live.shard_of(device_id)
+    await p.queue.enqueue(message_id, [ItemRow(device_id, shard, sealed, not_before=now + delay)], now=now)
+    return message_id
+
+
+async def test_forged_or_altered_codes_and_moved_devices_are_never_sent(short_tmp: Path) -> None:
+    from actors.idcode import CodeKeys, IdCode
+
+    async with running(short_tmp) as daemon:
+        tok = await register_all(short_tmp, [device("d1", "u1"), device("d2", "u2")])
+        forger = CodeKeys({"k1": b"x" * 32}, "k1")  # same key id, wrong secret
+
+        def forge(sealed: bytes) -> bytes:
+            return forger.seal(IdCode("m", "d1", "u1", "everyone", 1))
+
+        def flip(sealed: bytes) -> bytes:
+            return sealed[:-1] + bytes([sealed[-1] ^ 1])
+
+        forged = await enqueue_direct(daemon, "d1", user_id="u1", class_id="everyone", tamper=forge, delay=0)
+        altered = await enqueue_direct(daemon, "d1", user_id="u1", class_id="everyone", tamper=flip, delay=0)
+        wrong_user = await enqueue_direct(daemon, "d2", user_id="u1", class_id="everyone", delay=0)
+        moved = await enqueue_direct(daemon, "d1", user_id="u1", class_id="everyone", delay=1.0)
+        # d1 moves to another user before the node gets to the message sealed for u1
+        await call(short_tmp, "register", **device("d1", "u9", token=tok["d1"]))
+        for mid, reason in [
+            (forged, "invalid_code:bad_seal"),
+            (altered, "invalid_code:bad_seal"),
+            (wrong_user, "user_changed"),
+            (moved, "user_changed"),
+        ]:
+            state = await settled(short_tmp, mid)
+            assert state["reasons"] == {reason: 1}, (mid, state["reasons"])
+            assert reached(daemon, mid) == {}
+        assert simulator(daemon).requests == []
+
+
+async def test_device_updated_since_classification_is_not_sent_the_update_notice(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        tok = await register_all(short_tmp, [device("old", "u1", app_version="1.2.0")])
+        mid = await enqueue_direct(daemon, "old", user_id="u1", class_id="needs-update", delay=1.0)
+        await call(short_tmp, "register", **device("old", "u1", token=tok["old"], app_version="2.0.0"))
+        state = await settled(short_tmp, mid)
+        assert state["reasons"] == {"class_changed": 1}
+        assert reached(daemon, mid) == {}
+
+
+async def test_a_single_device_push_overtakes_a_running_broadcast(short_tmp: Path) -> None:
+    from actors.registry import Registration
+
+    async with running(short_tmp, nodes=1) as daemon:
+        regs = [device(f"b{i:04d}", f"u{i}") for i in range(600)]
+        await daemon.pipeline.registry.register_many(
+            [Registration(**{k: v for k, v in r.items()}) for r in regs], now_ms=int(time.time() * 1000)
+        )
+        await register_all(short_tmp, [device("vip", "boss")])
+        simulator(daemon).config.response_delay = 0.002
+        broadcast = await call(short_tmp, "push", notification=alert("sale"), target={"all": True}, priority=5)
+        with trio.fail_after(20):
+            await simulator(daemon).wait_for_requests(100)  # the broadcast is being sent
+        single = await call(short_tmp, "push", notification=alert("for you"), target={"devices": ["vip"]}, priority=10)
+        await settled(short_tmp, single["message_id"])
+        state = await settled(short_tmp, broadcast["message_id"])
+        assert state["states"]["sent"] == 601
+        order = [r.headers.get("apns-collapse-id") for r in simulator(daemon).requests]
+        position = order.index(single["message_id"])
+        assert position < len(order) - 100, f"single push answered at {position} of {len(order)}"
