@@ -7,6 +7,7 @@ field; nothing is stored until the input is known to be good.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from actors.central import Rejected
 from actors.messages import Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import UnknownMessage
 from actors.registry import Consent, InvalidField, Permissions, Registration
+from actors.registry import validate as validate_registration
 from apns.payload import redact_token
 from pushd.control import Peer
 from pushd.protocol import ErrorCode, OpError, get_arg, reject_unknown_args
@@ -131,6 +133,7 @@ class Ops:
     def table(self) -> dict[str, Any]:
         return {
             "register": self.register,
+            "register_many": self.register_many,
             "unregister": self.unregister,
             "device": self.device,
             "push": self.push,
@@ -167,6 +170,39 @@ class Ops:
             "user_changed": result.user_changed,
             "revived": result.revived,
         }
+
+    async def register_many(self, args: dict[str, Any], peer: Peer) -> Any:
+        """Bulk registration (imports, benchmarks): up to 1000 devices, all or none."""
+        reject_unknown_args(args, ("devices",))
+        devices = get_arg(args, "devices", list)
+        if not 1 <= len(devices) <= 1000:
+            raise _invalid("devices", "must hold 1 to 1000 registrations")
+        registrations = []
+        for i, item in enumerate(devices):
+            if not isinstance(item, dict):
+                raise _invalid(f"devices[{i}]", "must be a map")
+            try:
+                registrations.append(validate_registration(parse_registration(item)))
+            except OpError as exc:
+                raise _invalid(f"devices[{i}].{exc.field}", exc.message) from None
+            except InvalidField as exc:
+                raise _invalid(f"devices[{i}].{exc.field}", exc.message) from None
+        try:
+            results = await self.p.registry.register_many(registrations, now_ms=int(time.time() * 1000))
+        except InvalidField as exc:
+            raise _invalid(f"devices.{exc.field}", exc.message) from None
+        for result in results:
+            if result.change != "stale":
+                await self._notify_analyzer(
+                    RegistryChanged(
+                        device_id=result.record.device_id,
+                        user_id=result.record.user_id,
+                        change=result.change,
+                        app_version=result.record.app_version,
+                        at=time.time(),
+                    )
+                )
+        return {"registered": len(results), "changes": dict(Counter(r.change for r in results))}
 
     async def unregister(self, args: dict[str, Any], peer: Peer) -> Any:
         reject_unknown_args(args, ("device_id",))

@@ -225,3 +225,17 @@ async def test_a_single_device_push_overtakes_a_running_broadcast(short_tmp: Pat
         order = [r.headers.get("apns-collapse-id") for r in simulator(daemon).requests]
         position = order.index(single["message_id"])
         assert position < len(order) - 100, f"single push answered at {position} of {len(order)}"
+
+
+async def test_bulk_registration_is_all_or_nothing(short_tmp: Path) -> None:
+    async with running(short_tmp):
+        good = [device(f"m{i}", "u1") for i in range(5)]
+        bad = [*good[:2], device("mx", "u1", locale="??")]
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "register_many", devices=[device("z1", "u1"), *bad])
+        assert info.value.field == "devices[3].locale"
+        with pytest.raises(RequestFailed):
+            await call(short_tmp, "device", device_id="z1")
+        result = await call(short_tmp, "register_many", devices=good)
+        assert result == {"registered": 5, "changes": {"registered": 5}}
+        assert (await call(short_tmp, "device", device_id="m4"))["user_id"] == "u1"
