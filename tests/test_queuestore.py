@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trio
 
 from actors.queuestore import ItemResult, ItemRow, MessageRow, QueueStore, UnknownMessage
 from actors.storage import MIGRATIONS, open_store
@@ -344,3 +345,23 @@ async def test_upgrading_a_version_3_queue_keeps_future_items_deferred(tmp_path:
             i.device_id
             for i in await queue.lease(shard=0, owner="n", limit=9, now=far, lease_seconds=9)
         ] == ["later"]
+
+
+async def test_two_connections_leasing_at_once_never_share_an_item(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    async with open_store(path) as first, open_store(path) as second:
+        await push(QueueStore(first), "m", 2000)
+        seen: dict[str, list[int]] = {"a": [], "b": []}
+
+        async def node(name: str, queue: QueueStore) -> None:
+            while leased := await queue.lease(
+                shard=0, owner=name, limit=50, now=T0, lease_seconds=60
+            ):
+                seen[name].extend(i.item_id for i in leased)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node, "a", QueueStore(first))
+            nursery.start_soon(node, "b", QueueStore(second))
+        both = seen["a"] + seen["b"]
+        assert len(both) == len(set(both)) == 2000
+        assert seen["a"] and seen["b"]
