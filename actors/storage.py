@@ -185,6 +185,38 @@ MIGRATIONS: tuple[Migration, ...] = (
                WHERE state = 'queued' AND deferred = 1""",
         ),
     ),
+    Migration(
+        5,
+        "analyzer: app events (within consent) and pending follow-ups",
+        (
+            """CREATE TABLE events (
+                event_id INTEGER PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                device_id TEXT,
+                name TEXT NOT NULL,
+                attributes BLOB NOT NULL,
+                at REAL NOT NULL
+            )""",
+            "CREATE INDEX events_user ON events(user_id, name, at)",
+            """CREATE TABLE followups (
+                root_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                state TEXT NOT NULL,
+                delivered_at REAL NOT NULL,
+                last_delivered_at REAL NOT NULL,
+                due_at REAL,
+                repushes INTEGER NOT NULL DEFAULT 0,
+                handled_at REAL,
+                reason TEXT,
+                updated_at REAL NOT NULL,
+                PRIMARY KEY (root_id, device_id)
+            )""",
+            "CREATE INDEX followups_due ON followups(due_at) WHERE state = 'pending'",
+            "CREATE INDEX followups_user ON followups(user_id) WHERE state IN ('pending', 'waiting')",
+            "CREATE INDEX followups_device ON followups(device_id) WHERE state IN ('pending', 'waiting')",
+        ),
+    ),
 )
 
 
