@@ -4,10 +4,15 @@
 
     with Client() as pushd:               # socket from default_socket_path()
         pushd.ping()
+        pushd.register(device_id="d1", token=hex_token, topic="com.example.app", ...)
         try:
-            pushd.call("some_op", key="value")
+            accepted = pushd.push({"aps": {"alert": "hi"}, "topic": "com.example.app"},
+                                  {"users": ["u1"]})
         except RequestFailed as exc:
             print(exc.code, exc.message, exc.field)
+        final = pushd.wait(accepted["message_id"], timeout=60)
+
+Every op has a method; :meth:`Client.call` reaches any op by name. docs/client.md is the guide.
 
 One Client holds one connection and sends one request at a time (a lock makes it safe to
 share between threads, requests are then serialised). If the daemon restarted since the last
@@ -22,6 +27,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -91,6 +97,34 @@ class RequestFailed(PushdError):
         self.details: dict[str, Any] = details or {}
 
 
+class WaitTimeout(PushdError, TimeoutError):
+    """:meth:`Client.wait` gave up: the message still had pending items (or its fan-out
+    was still running) when the timeout expired. ``state`` is the last state seen."""
+
+    def __init__(self, message_id: str, timeout: float, state: dict[str, Any]) -> None:
+        pending = pending_items(state)
+        super().__init__(
+            f"message {message_id} not settled after {timeout:g} s "
+            f"({pending} item(s) pending, fan-out {state.get('fanout', '?')})"
+        )
+        self.message_id = message_id
+        self.timeout = timeout
+        self.state = state
+
+
+def pending_items(state: Mapping[str, Any]) -> int:
+    """Items of a message state (a ``message`` result) still queued or leased."""
+    states = state.get("states") or {}
+    return int(states.get("queued", 0)) + int(states.get("leased", 0))
+
+
+def settled(state: Mapping[str, Any]) -> bool:
+    """True when nothing of the message is queued or leased and its fan-out is not
+    running any more: every item has its final state (sent, failed, skipped, dead or
+    expired). A fan-out that ``failed`` also ends the wait; check ``state["fanout"]``."""
+    return pending_items(state) == 0 and state.get("fanout") != "running"
+
+
 class Client:
     def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 10.0) -> None:
         self.path = Path(socket_path) if socket_path is not None else default_socket_path()
@@ -113,6 +147,118 @@ class Client:
 
     def reload(self) -> Any:
         return self.call("reload")
+
+    # -- the push pipeline -------------------------------------------------------------
+
+    def register(self, **fields: Any) -> dict[str, Any]:
+        """Register (or update) one device: ``device_id``, ``token``, ``environment``,
+        ``topic``, ``model``, ``os_version``, ``app_version``, ``locale``, ``time_zone``,
+        ``user_id``, ``contact_ids``, ``attributes``, ``permissions``, ``consent``.
+        Returns ``{device_id, change, token_rotated, user_changed, revived}``."""
+        result: dict[str, Any] = self.call("register", **fields)
+        return result
+
+    def register_many(self, devices: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Register up to 1000 devices in one request, all or none (an error names the
+        entry, e.g. ``devices[3].locale``). Returns ``{registered, changes}``."""
+        result: dict[str, Any] = self.call("register_many", devices=[dict(d) for d in devices])
+        return result
+
+    def unregister(self, device_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("unregister", device_id=device_id)
+        return result
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        """One device as the daemon knows it (token redacted)."""
+        result: dict[str, Any] = self.call("device", device_id=device_id)
+        return result
+
+    def push(
+        self,
+        notification: Mapping[str, Any],
+        target: Mapping[str, Any],
+        *,
+        priority: int = 10,
+        ttl: float | None = None,
+        expiration: int | None = None,
+        category: str | None = None,
+        follow_up: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Hand a notification to pushd. ``target`` is one of ``{"devices": [...]}``,
+        ``{"users": [...]}``, ``{"classes": [...]}``, ``{"filter": rule}``, ``{"all": True}``.
+        Returns ``{message_id, targeted}`` once the message is stored durably."""
+        args: dict[str, Any] = {
+            "notification": dict(notification), "target": dict(target), "priority": priority,
+        }
+        optional = {"ttl": ttl, "expiration": expiration, "category": category,
+                    "follow_up": None if follow_up is None else dict(follow_up)}
+        args.update({k: v for k, v in optional.items() if v is not None})
+        result: dict[str, Any] = self.call("push", **args)
+        return result
+
+    def message(self, message_id: str, page: int = 0, page_size: int = 100) -> dict[str, Any]:
+        """A message's progress: counts per ``states``/``outcomes``/``reasons``, ``fanout``
+        ("running", "done" or "failed") and one page of per-device outcomes."""
+        result: dict[str, Any] = self.call(
+            "message", message_id=message_id, page=page, page_size=page_size
+        )
+        return result
+
+    def classes(self) -> list[dict[str, Any]]:
+        """The configured device classes, in match order: ``[{id, description, rule}]``."""
+        result = self.call("classes")
+        classes: list[dict[str, Any]] = result["classes"] if isinstance(result, Mapping) else result
+        return classes
+
+    def report(
+        self,
+        user_id: str,
+        name: str,
+        *,
+        device_id: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        at: float | None = None,
+    ) -> Any:
+        """Report an app event (opened a notification, made a purchase...) for push
+        analysis. ``at`` is unix seconds (default: when the daemon receives it)."""
+        args: dict[str, Any] = {"user_id": user_id, "name": name}
+        if device_id is not None:
+            args["device_id"] = device_id
+        if attributes is not None:
+            args["attributes"] = dict(attributes)
+        if at is not None:
+            args["at"] = at
+        return self.call("report", **args)
+
+    def wait(
+        self,
+        message_id: str,
+        *,
+        timeout: float | None,
+        poll: float = 0.2,
+        page_size: int = 100,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll :meth:`message` until the message is settled (see :func:`settled`) and
+        return its final state. ``on_progress(state)`` is called after every poll.
+        :class:`WaitTimeout` if it is still pending after ``timeout`` seconds (None: no
+        limit). Other requests may use this client between polls."""
+        if poll <= 0:
+            raise ValueError("poll must be positive")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.message(message_id, page_size=page_size)
+            if on_progress is not None:
+                on_progress(state)
+            if settled(state):
+                return state
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(message_id, timeout or 0.0, state)
+                time.sleep(min(poll, remaining))
+            else:
+                time.sleep(poll)
 
     # -- machinery ---------------------------------------------------------------------
 
