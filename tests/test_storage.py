@@ -161,7 +161,8 @@ async def test_a_process_killed_mid_transaction_leaves_nothing_half_written(
         import os, trio
         from pathlib import Path
         from actors.storage import MIGRATIONS, Migration, open_store
-        from tests.test_storage import WITH_SCRATCH
+
+        WITH_SCRATCH = (*MIGRATIONS, Migration({SCRATCH.version}, "t", {SCRATCH.statements!r}))
 
         def die(conn):
             conn.executemany("INSERT INTO t (v) VALUES (?)", [("lost",)] * 1000)
