@@ -449,6 +449,33 @@ class QueueStore:
 
         return await self.store.transaction(write)
 
+    async def purge_finished(self, *, before: float, max_items: int = 5000) -> int:
+        """Delete messages that finished before ``before`` with their items, at most
+        ``max_items`` items per call (one short transaction); call again until it
+        returns 0. Returns the number of rows deleted (items and messages)."""
+
+        def write(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            finished = conn.execute(
+                """SELECT message_id FROM messages
+                   WHERE state = 'done' AND finished_at < ? ORDER BY finished_at LIMIT 100""",
+                (before,),
+            ).fetchall()
+            for (message_id,) in finished:
+                deleted += conn.execute(
+                    """DELETE FROM items WHERE item_id IN (
+                           SELECT item_id FROM items WHERE message_id = ? LIMIT ?)""",
+                    (message_id, max_items - deleted),
+                ).rowcount
+                if deleted >= max_items:
+                    break
+                deleted += conn.execute(
+                    "DELETE FROM messages WHERE message_id = ?", (message_id,)
+                ).rowcount
+            return deleted
+
+        return await self.store.transaction(write)
+
     # -- reads --------------------------------------------------------------------------
 
     async def get_message(self, message_id: str) -> MessageRow | None:

@@ -365,3 +365,23 @@ async def test_two_connections_leasing_at_once_never_share_an_item(tmp_path: Pat
         both = seen["a"] + seen["b"]
         assert len(both) == len(set(both)) == 2000
         assert seen["a"] and seen["b"]
+
+
+async def test_purge_removes_only_messages_finished_before_the_cutoff(queue: QueueStore) -> None:
+    await push(queue, "old", 7)
+    await push(queue, "recent", 2)
+    await push(queue, "running", 3)
+    for message_id, at in (("old", T0 + 10), ("recent", T0 + 100)):
+        leased = await queue.lease(shard=0, owner="n", limit=100, now=at, lease_seconds=9)
+        mine = [i for i in leased if i.message_id == message_id]
+        others = [i.item_id for i in leased if i.message_id != message_id]
+        await queue.ack([ItemResult(i.item_id, "sent", "success") for i in mine], now=at)
+        await queue.retry(others, not_before=at, reason="later", now=at)
+    deleted = []
+    while n := await queue.purge_finished(before=T0 + 50, max_items=3):
+        assert n <= 4  # at most max_items items, plus the message row
+        deleted.append(n)
+    assert sum(deleted) == 7 + 1
+    assert await queue.get_message("old") is None
+    assert (await queue.message_state("recent"))["states"]["sent"] == 2
+    assert (await queue.message_state("running"))["states"]["queued"] == 3
