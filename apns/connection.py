@@ -163,6 +163,7 @@ class Connection:
         self._accepting = False
         self._goaway = False
         self._closed = False
+        self._peer_failed = False  # EOF, a broken socket or an unanswered PING
         self.close_reason = ""
         self.responses = 0
         self._wake = trio.Event()
@@ -181,7 +182,13 @@ class Connection:
 
     @property
     def load(self) -> int:
+        """Requests open on a stream or waiting for one."""
         return len(self._active) + len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests open on a stream."""
+        return len(self._active)
 
     @property
     def stream_limit(self) -> int:
@@ -233,7 +240,8 @@ class Connection:
                 )
                 await stream.do_handshake()
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
-            raise ConnectError(f"{self.host}:{self.port}: {exc!r}") from exc
+            cause = f" ({exc.__cause__!r})" if exc.__cause__ is not None else ""
+            raise ConnectError(f"{self.host}:{self.port}: {exc!r}{cause}") from exc
         alpn = stream.selected_alpn_protocol()
         version = stream.version()
         if alpn not in (None, "h2") or version not in ("TLSv1.2", "TLSv1.3"):
@@ -266,9 +274,23 @@ class Connection:
             self._closed = True
             self._fail_all()
             with trio.move_on_after(1, shield=True):
-                await trio.aclose_forcefully(stream)
+                await self._goodbye(stream)
+            await trio.aclose_forcefully(stream)
             if started:
                 log.info("apns.connection_closed", host=self.host, reason=self.close_reason)
+
+    async def _goodbye(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        """An orderly close when the peer is still answering: GOAWAY, then read until the
+        server closes (closing with unread bytes would make the kernel send a RST)."""
+        if self._peer_failed:
+            return
+        try:
+            self._h2.close_connection()
+            await stream.send_all(self._h2.data_to_send())
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError):
+            pass
 
     async def _write_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         try:
@@ -279,6 +301,7 @@ class Connection:
                 if data:
                     await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._peer_failed = True
             self.close(f"write failed: {exc!r}")
 
     async def _read_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
@@ -286,12 +309,14 @@ class Connection:
             while True:
                 data = await stream.receive_some(65536)
                 if not data:
+                    self._peer_failed = True
                     self.close("server closed the connection")
                     return
                 self._last_received = trio.current_time()
                 self._handle_events(self._h2.receive_data(data))
                 self._wake.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._peer_failed = True
             self.close(f"read failed: {exc!r}")
         except h2.exceptions.ProtocolError as exc:
             self.close(f"protocol error: {exc!r}")
@@ -329,6 +354,7 @@ class Connection:
                 await self._ping_ack.wait()
             if not self._ping_ack.is_set():
                 log.warning("apns.ping_timeout", host=self.host, timeout=settings.ping_timeout)
+                self._peer_failed = True
                 self.close("no answer to PING")
                 return
 
