@@ -233,6 +233,14 @@ def _atomically(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
     return result
 
 
+def _snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN DEFERRED")
+    try:
+        return fn(conn)
+    finally:
+        conn.execute("ROLLBACK")
+
+
 class Store:
     """One shared connection; see the module docstring for the guarantees."""
 
@@ -269,8 +277,9 @@ class Store:
         )
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a read-only function of the raw connection (no transaction of its own)."""
-        return await self._call(fn)
+        """Run a read-only function of the raw connection on one consistent snapshot
+        (a deferred read transaction: other processes' commits land before or after)."""
+        return await self._call(lambda conn: _snapshot(conn, fn))
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` atomically (BEGIN IMMEDIATE / COMMIT, ROLLBACK on error).

@@ -283,3 +283,35 @@ async def test_reuses_the_callers_loop_and_serves_tasks_outside_it(tmp_path: Pat
             await send.send(store)
             await done.wait()
             assert await count(store) == 1
+
+
+async def test_a_read_sees_one_snapshot_and_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with (
+        open_store(path, migrations=WITH_SCRATCH) as reader,
+        open_store(path, migrations=WITH_SCRATCH) as writer,
+    ):
+        await writer.execute("INSERT INTO t (v) VALUES ('before')")
+        started, release = threading.Event(), threading.Event()
+
+        def twice(conn: sqlite3.Connection) -> tuple[int, int]:
+            (first,) = conn.execute("SELECT count(*) FROM t").fetchone()
+            started.set()
+            release.wait(5.0)
+            (second,) = conn.execute("SELECT count(*) FROM t").fetchone()
+            return first, second
+
+        seen: list[tuple[int, int]] = []
+
+        async def read() -> None:
+            seen.append(await reader.read(twice))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await wait_for_thread_event(started)
+            await writer.execute("INSERT INTO t (v) VALUES ('meanwhile')")  # WAL: not blocked
+            release.set()
+        assert seen == [(1, 1)]
+        assert await count(reader) == 2
+        await reader.read(lambda conn: conn.execute("INSERT INTO t (v) VALUES ('nope')"))
+        assert await count(writer) == 2
