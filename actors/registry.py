@@ -551,7 +551,7 @@ class Registry:
         column = "d.device_id" if device_ids is not None else "d.user_id"
         ids = device_ids if device_ids is not None else user_ids
         assert ids is not None
-        for chunk in _chunked(ids, batch):
+        for chunk in _chunked(ids, min(batch, _SQL_CHUNK)):
             names = {f"id{i}": value for i, value in enumerate(chunk)}
             marks = ",".join(f":{name}" for name in names)
             async for records in pages(query(f"{column} IN ({marks})"), {**params, **names}):
