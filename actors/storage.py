@@ -413,8 +413,13 @@ async def open_store(
         )
         store = Store(db, loop, path, write_timeout=write_timeout)
         try:
-            await store._write(lambda conn: _configure(conn, synchronous))
-            store.schema_version = await store._write(lambda conn: _migrate(conn, path, migrations))
+            # Not bounded by write_timeout: a migration of a big database may take long,
+            # and it runs to its end (commit or rollback) in the thread whatever we do.
+            with trio.CancelScope(shield=True):
+                await store._call(lambda conn: _configure(conn, synchronous))
+                store.schema_version = await store._call(
+                    lambda conn: _migrate(conn, path, migrations)
+                )
             yield store
         finally:
             with trio.move_on_after(write_timeout, shield=True):
