@@ -26,6 +26,7 @@ import base64
 import binascii
 import contextlib
 import datetime
+import fcntl
 import ipaddress
 import json
 import random
@@ -425,18 +426,20 @@ class _ServerH2Connection(h2.connection.H2Connection):
             return super().open_inbound_streams
         return 0
 
-    def end_stream_with_block(self, stream_id: int, header_block: bytes) -> bytes:
-        """The fast path for a 200: what ``send_headers(..., end_stream=True)`` does to the
-        stream state, with a header block the caller encoded without touching the HPACK
-        dynamic table (static-indexed ``:status`` plus literals without indexing), so h2's
-        encoder stays in step.  Returns the HEADERS frame for the caller to write."""
+    def send_header_block(self, stream_id: int, header_block: bytes, *, end_stream: bool) -> bytes:
+        """What ``send_headers()`` does to the stream state, for a header block the caller
+        encoded without touching the HPACK dynamic table (static-indexed fields and literals
+        without indexing), so h2's encoder, which is never used, stays in step with the peer.
+        Saves h2's per-response encoding work.  Returns the HEADERS frame to write."""
         stream = self.streams.get(stream_id)
         if stream is None:
             raise h2.exceptions.StreamClosedError(stream_id)
         self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
         stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
-        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
-        flags = 0x4 | 0x1  # END_HEADERS | END_STREAM
+        flags = 0x4  # END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            flags |= 0x1  # END_STREAM
         return (
             len(header_block).to_bytes(3, "big")
             + bytes((0x1, flags))
@@ -463,7 +466,20 @@ def _hpack_length(data: bytes) -> bytes:
     return bytes(out)
 
 
-_STATUS_200 = b"\x88"  # static table entry 8, ":status: 200"
+_STATUS_STATIC = {200: 8, 204: 9, 206: 10, 304: 11, 400: 12, 404: 13, 500: 14}  # RFC 7541 App. A
+
+
+def _status_field(status: int) -> bytes:
+    index = _STATUS_STATIC.get(status)
+    if index is not None:
+        return bytes((0x80 | index,))  # indexed header field
+    value = str(status).encode("ascii")
+    return b"\x08" + _hpack_length(value) + value  # literal without indexing, name = entry 8
+
+
+_STATUS_200 = _status_field(200)
+# content-type (static name 31) as a literal without indexing: 4-bit prefix 15, then 16.
+_JSON_CONTENT_TYPE = b"\x0f\x10" + _hpack_length(b"application/json") + b"application/json"
 
 
 class _UnenforcedSettings(h2.settings.Settings):
@@ -548,10 +564,17 @@ def generate_tls(directory: Path, hostname: str = "localhost") -> TlsFiles:
         key_file=directory / "server-key.pem",
         ca_key_file=directory / "ca-key.pem",
     )
-    assert files.ca_key_file is not None
-    if all(p.exists() for p in (files.ca_file, files.cert_file, files.key_file, files.ca_key_file)):
-        return files
+    # Several processes (a test and the simulator it starts) may ask at once: one generates.
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        paths = (files.ca_file, files.cert_file, files.key_file, files.ca_key_file)
+        if not all(p is not None and p.exists() for p in paths):
+            _create_tls(files, hostname)
+    return files
 
+
+def _create_tls(files: TlsFiles, hostname: str) -> None:
+    assert files.ca_key_file is not None
     now = datetime.datetime.now(datetime.UTC)
     not_before = now - datetime.timedelta(days=1)
     not_after = now + datetime.timedelta(days=3650)
@@ -623,7 +646,6 @@ def generate_tls(directory: Path, hostname: str = "localhost") -> TlsFiles:
     files.key_file.chmod(0o600)
     files.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    return files
 
 
 def generate_client_certificate(
@@ -1455,7 +1477,7 @@ class _Connection:
             return  # reset by the client meanwhile
         self._delayed.discard(response.stream_id)
         self._respond(response)
-        await self._flush_or_finish()
+        self._wake()  # the writer task flushes every answer that is due, in one write
 
     def _respond(self, response: _Response) -> None:
         stream_id = response.stream_id
@@ -1469,7 +1491,7 @@ class _Connection:
                 block = _STATUS_200 + _literal(b"apns-id", apns_id)
                 if self._unique_id:
                     block += _literal(b"apns-unique-id", str(uuid.uuid4()).encode("ascii"))
-                frame = self.h2.end_stream_with_block(stream_id, block)
+                frame = self.h2.send_header_block(stream_id, block, end_stream=True)
                 self._out += self.h2.data_to_send()
                 self._out += frame
                 self._active.discard(stream_id)
@@ -1478,14 +1500,20 @@ class _Connection:
                 if response.timestamp_ms is not None:
                     payload["timestamp"] = response.timestamp_ms
                 body = json.dumps(payload, separators=(",", ":")).encode()
-                headers = [
-                    (b":status", str(response.status).encode("ascii")),
-                    (b"content-type", b"application/json"),
-                    (b"apns-id", apns_id),
-                ]
-                self.h2.send_headers(stream_id, headers, end_stream=False)
-                self._pending_bodies[stream_id] = body
-                self._send_pending_bodies()
+                block = (
+                    _status_field(response.status)
+                    + _JSON_CONTENT_TYPE
+                    + _literal(b"apns-id", apns_id)
+                )
+                frame = self.h2.send_header_block(stream_id, block, end_stream=False)
+                self._out += self.h2.data_to_send()
+                self._out += frame
+                if self.h2.local_flow_control_window(stream_id) >= len(body):
+                    self.h2.send_data(stream_id, body, end_stream=True)
+                    self._active.discard(stream_id)
+                else:  # the client's window is too small: send it as the window opens
+                    self._pending_bodies[stream_id] = body
+                    self._send_pending_bodies()
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._active.discard(stream_id)
             return  # the client reset the stream or the connection is going
@@ -1496,7 +1524,12 @@ class _Connection:
     def _send_pending_bodies(self) -> None:
         for stream_id, body in list(self._pending_bodies.items()):
             try:
-                if self.h2.local_flow_control_window(stream_id) < len(body):
+                window = self.h2.local_flow_control_window(stream_id)
+                if window <= 0:
+                    continue
+                if window < len(body):
+                    self.h2.send_data(stream_id, body[:window])
+                    self._pending_bodies[stream_id] = body[window:]
                     continue
                 self.h2.send_data(stream_id, body, end_stream=True)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

@@ -45,6 +45,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     reset_code: int | None = None
+    data_frames: int = 0
     done: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -116,6 +117,7 @@ class Client:
             reply.headers = headers
         elif isinstance(event, h2.events.DataReceived):
             self.replies[event.stream_id].body += event.data or b""
+            self.replies[event.stream_id].data_frames += 1
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             self.replies[event.stream_id].done.set()
@@ -1115,3 +1117,15 @@ async def test_certificate_from_unknown_ca_refused(
         # TLS 1.3: the server's verdict on the client certificate arrives after the handshake.
         await client.post(request_headers(jwt=None))
     assert env.sim.requests == []
+
+
+async def test_error_body_waits_for_the_clients_window(start: Callable[..., Any]) -> None:
+    env = await start()
+    client = await env.client()
+    client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 5})
+    await client.flush()
+    env.sim.set_token_state(TOKEN, unregistered_at_ms=1_700_000_000_000)
+    reply = await client.post(request_headers(jwt=env.jwt()))
+    assert reply.status == 410
+    assert reply.json == {"reason": "Unregistered", "timestamp": 1_700_000_000_000}
+    assert reply.data_frames == len(reply.body) // 5 + 1  # sent as the window opened
