@@ -236,7 +236,7 @@ def _attributes(values: object) -> dict[str, Any]:
 def validate(reg: Registration) -> Registration:
     """Check every field; return the normalised registration (token lower-cased)."""
     token = reg.token.lower() if isinstance(reg.token, str) else reg.token
-    if reg.environment not in ENVIRONMENTS:
+    if not isinstance(reg.environment, str) or reg.environment not in ENVIRONMENTS:
         raise InvalidField("environment", "must be 'production' or 'sandbox'")
     time_zone = _text("time_zone", reg.time_zone, limit=64)
     if time_zone not in _time_zones():
