@@ -225,3 +225,34 @@ async def test_transport_maps_failures_to_httpx_exceptions(
     ):
         with pytest.raises(httpx.ConnectError):
             await client.post(f"https://127.0.0.1:{port}/3/device/ab", content=b"{}")
+
+
+def test_header_encoder_round_trips_while_the_table_changes() -> None:
+    import random
+
+    import hpack
+
+    from apns.connection import _HeaderEncoder
+
+    rng = random.Random(7)
+    encoder, decoder = _HeaderEncoder(), hpack.Decoder()
+    for i in range(2000):
+        headers: list[tuple[bytes, bytes]] = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":authority", b"api.push.apple.com"),
+            hpack.NeverIndexedHeaderTuple(b":path", b"/3/device/%064x" % rng.getrandbits(256)),
+            (b"authorization", b"bearer token-%d" % (i // 300)),  # a new token now and then
+            (b"apns-topic", b"com.example.app%d" % rng.randrange(40)),  # forces evictions
+            (b"apns-push-type", rng.choice([b"alert", b"background"])),
+            (b"apns-collapse-id", b"c" * rng.randrange(1, 5000)),  # sometimes > the table
+        ]
+        if i == 1000:
+            encoder.header_table_size = 1024  # as h2 does when the peer resizes the table
+            decoder.max_allowed_table_size = 1024
+        block = encoder.encode(headers)
+        assert decoder.decode(block, raw=True) == [tuple(h) for h in headers]
+    steady = [(b":method", b"POST"), (b"authorization", b"bearer token-6"), (b"apns-topic", b"x")]
+    first, second = encoder.encode(steady), encoder.encode(steady)
+    assert decoder.decode(first, raw=True) == decoder.decode(second, raw=True) == steady
+    assert len(encoder._memo) == 3 and len(second) == 3  # one index byte each, from the memo
