@@ -2,21 +2,27 @@
 
 It serves ``POST /3/device/<token>`` the way apns-reference.md §8 describes: the
 same status codes and reason strings, ES256 provider-token checks, the
-one-stream-until-the-first-valid-token rule, SETTINGS changes and GOAWAY on
-demand, token lifecycle states, injected faults, and a record of every request
-for tests to read back.
+one-stream-until-the-first-valid-token rule, optional client-certificate auth,
+SETTINGS changes and GOAWAY on demand, token lifecycle states, injected faults,
+latency and reordering, and a record of every answered request for tests.
 
 Shape: one trio task per connection reads, feeds h2, answers every request that
-completed in that read and writes ``data_to_send()`` once.  A second task per
-connection flushes frames produced out of band (``goaway()``,
-``set_max_concurrent_streams()``); a task per request exists only when
-``response_delay`` or ``out_of_order`` asks for one.
+completed in that read and writes once.  A second task per connection flushes
+frames produced out of band (``goaway()``, ``set_max_concurrent_streams()``,
+delayed answers).  A task per request exists only when ``response_delay`` asks
+for one.  Answers are written as pre-encoded header blocks (see
+``_ServerH2Connection.send_header_block``); measured ceiling in
+benchmarks/SIMULATOR.md.
 
-Behaviour the reference marks UNCERTAIN is a ``SimConfig`` knob.  Start with::
+Behaviour the reference marks UNCERTAIN is a ``SimConfig`` knob.  In process::
 
-    sim = Simulator(SimConfig(keys=[key]))
+    key, private_pem = generate_signing_key("KEYID00001", "TEAMID0001")
+    sim = Simulator(SimConfig(keys=[key]))       # TLS files: sim.tls (a temp dir)
     port = await nursery.start(sim.serve)
-    # clients trust sim.tls.ca_file and connect to https://localhost:<port>
+    # a client trusts sim.tls.ca_file, connects to https://localhost:<port>, and signs
+    # its JWT with private_pem (sign_provider_token() does it for tests)
+
+From a shell: ``python -m apns.simulator --help`` (``pushd sim`` delegates to ``main``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import random
 import re
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -152,6 +159,7 @@ class SimConfig:
     tls: bool = True  # False: cleartext HTTP/2 with prior knowledge (h2c)
     cert_file: Path | None = None  # server certificate (PEM); None: generated
     key_file: Path | None = None
+    ca_file: Path | None = None  # with cert_file: the CA clients should trust (for Simulator.tls)
     tls_dir: Path | None = None  # where generated CA/cert go (reused if present); None: a temp dir
     environment: str = "production"  # "production" or "development"
 
@@ -742,7 +750,7 @@ class Simulator:
         self._token_hits: dict[str, list[float]] = {}
         self._listeners: list[Callable[[RecordedRequest], None]] = []
         self._changed = trio.Event()
-        self._ssl_context: Any = None
+        self._ssl_context: Any = self._make_ssl_context() if self.config.tls else None
         _install_huffman_cache()
 
     # ---- configuration at run time
@@ -826,6 +834,12 @@ class Simulator:
         while self.request_count < n:
             await self._changed.wait()
 
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; it is re-checked after every answered request
+        and every accepted connection (wrap it in ``trio.fail_after`` to bound the wait)."""
+        while not predicate():
+            await self._changed.wait()
+
     async def wait_for_connections(self, n: int) -> None:
         """Return once at least ``n`` connections have been accepted in total."""
         while self.connection_count < n:
@@ -837,14 +851,15 @@ class Simulator:
 
     # ---- serving
 
-    def _make_ssl_context(self) -> Any:
-        import ssl
-
+    def _make_ssl_context(self) -> ssl.SSLContext:
         cfg = self.config
         if cfg.cert_file is not None:
             if cfg.key_file is None:
                 raise ValueError("cert_file needs key_file")
             cert_file, key_file = cfg.cert_file, cfg.key_file
+            self.tls = TlsFiles(
+                ca_file=cfg.ca_file or cfg.cert_file, cert_file=cert_file, key_file=key_file
+            )
         else:
             directory = cfg.tls_dir
             if directory is None:
@@ -862,8 +877,6 @@ class Simulator:
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, call ``task_status.started(port)``, and serve until cancelled."""
-        if self.config.tls and self._ssl_context is None:
-            self._ssl_context = self._make_ssl_context()
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         sockname = listeners[0].socket.getsockname()
         self.port = int(sockname[1])

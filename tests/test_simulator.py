@@ -262,8 +262,7 @@ async def start(
 
     async def _start(**overrides: Any) -> Env:
         config = SimConfig(
-            cert_file=tls_files.cert_file,
-            key_file=tls_files.key_file,
+            tls_dir=tls_files.ca_file.parent,  # reuses the session's files
             keys=[key],
             wall_clock=fake_wall_clock,
             seed=1,
@@ -271,7 +270,7 @@ async def start(
         for name, value in overrides.items():
             setattr(config, name, value)
         sim = Simulator(config)
-        sim.tls = tls_files
+        assert sim.tls == tls_files
         await nursery.start(sim.serve)
         return Env(sim, nursery, private_pem)
 
@@ -893,8 +892,8 @@ async def test_generated_tls_in_temp_dir_and_cleartext(
 ) -> None:
     key, pem = signing
     sim = Simulator(SimConfig(keys=[key]))
+    assert sim.tls is not None and sim.tls.ca_file.exists()  # ready before serving
     await nursery.start(sim.serve)
-    assert sim.tls is not None and sim.tls.ca_file.exists()
     client = await open_client(sim, nursery)
     jwt = sign_provider_token(pem, KID, TEAM)  # real wall clock, as the config's default
     assert (await client.post(request_headers(jwt=jwt))).status == 200
@@ -1129,3 +1128,24 @@ async def test_error_body_waits_for_the_clients_window(start: Callable[..., Any]
     assert reply.status == 410
     assert reply.json == {"reason": "Unregistered", "timestamp": 1_700_000_000_000}
     assert reply.data_frames == len(reply.body) // 5 + 1  # sent as the window opened
+
+
+async def test_given_certificate_files(
+    nursery: trio.Nursery, tls_files: TlsFiles, signing: tuple[SimKey, bytes]
+) -> None:
+    key, pem = signing
+    config = SimConfig(
+        cert_file=tls_files.cert_file,
+        key_file=tls_files.key_file,
+        ca_file=tls_files.ca_file,
+        keys=[key],
+    )
+    sim = Simulator(config)
+    assert sim.tls == TlsFiles(tls_files.ca_file, tls_files.cert_file, tls_files.key_file)
+    await nursery.start(sim.serve)
+    client = await open_client(sim, nursery)
+    assert (
+        await client.post(request_headers(jwt=sign_provider_token(pem, KID, TEAM)))
+    ).status == 200
+    with trio.fail_after(5):
+        await sim.wait_until(lambda: len(sim.delivered) == 1)
