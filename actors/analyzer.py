@@ -1,14 +1,57 @@
-"""Analyzer: watches delivered notifications and the user's data; re-pushes when the
-user did not act."""
+"""Analyzer: after a notification is delivered, judges from the user's data — only what
+the user authorised — whether they handled the matter, and re-pushes when they did not.
+
+Inputs (its inbox): delivery records from the nodes, app events reported through the
+control socket (already stored, within consent), and registry changes.
+
+State lives in SQLite (``followups``, ``events``), so a million pending follow-ups cost
+rows, not memory. One timer per actor: it sleeps until the earliest ``due_at`` of a
+pending follow-up (or until a message arrives), never a task per follow-up.
+
+At a deadline with no evidence: re-push by the follow-up's strategy, through the durable
+queue (never a blocking send back to central):
+
+* ``resend`` — the same notification (or the reminder) to the same device, new apns-id;
+* ``regenerate`` — the original target re-resolved for that device on the latest
+  registry data (class, filter, permissions); a device that no longer qualifies gets
+  nothing, one that does gets a new message with a new identification code.
+
+A re-push is a child message ``<root>.r<n>``: creating it and its item is idempotent,
+so a restart in the middle of a firing neither loses nor doubles it. Follow-ups stop
+when handled, at ``max_repushes`` (gave up), when the token dies, when the device is
+unregistered, or when the permission or the consent is withdrawn — withdrawing consent
+also deletes that user's stored events.
+
+Follow-up states: ``pending`` (waiting for its deadline), ``waiting`` (re-push queued,
+waiting for its delivery), ``handled``, ``gave_up``, ``stopped`` (with a reason).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
+import msgpack
+import structlog
 import trio
 
 from actors.base import ActorContext
-from actors.messages import AppEvent, Delivered, RegistryChanged
+from actors.central import Target, judge
+from actors.followup import FollowUp
+from actors.idcode import IdCode
+from actors.live import LiveRef
+from actors.messages import AppEvent, Delivered, Enqueued, RegistryChanged
+from actors.queuestore import ItemRow, MessageRow, QueueStore
+from actors.registry import DeviceRecord, Registry
+from actors.rules import compile_rule
+
+log = structlog.get_logger("actors.analyzer")
+
+AnalyzerInput = Delivered | AppEvent | RegistryChanged
+FIRE_BATCH = 200
 
 
 class AnalyzerActor:
@@ -16,15 +59,351 @@ class AnalyzerActor:
         self,
         ctx: ActorContext,
         *,
-        inbox: trio.MemoryReceiveChannel[Delivered | AppEvent | RegistryChanged],
+        inbox: trio.MemoryReceiveChannel[AnalyzerInput],
+        queue: QueueStore,
+        registry: Registry,
+        live: LiveRef,
+        queue_notes: trio.MemorySendChannel[Enqueued] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ctx = ctx
         self.inbox = inbox
+        self.queue = queue
+        self.store = queue.store
+        self.registry = registry
+        self.live = live
+        self.queue_notes = queue_notes
+        self.clock = clock
+        self._messages: OrderedDict[str, MessageRow | None] = OrderedDict()
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.inbox:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.inbox)
+            if self.queue_notes is not None:
+                await stack.enter_async_context(self.queue_notes)
             task_status.started()
             while not self.ctx.stopping.is_set():
                 self.ctx.heartbeat.beat()
-                with trio.move_on_after(self.ctx.heartbeat.interval):
-                    await self.inbox.receive()
+                due = await self.next_due()
+                now = self.clock()
+                if due is not None and due <= now:
+                    await self.fire_due(now)
+                    continue
+                wait = self.ctx.heartbeat.interval
+                if due is not None:
+                    wait = min(wait, due - now)
+                with trio.move_on_after(wait):
+                    message = await self.inbox.receive()
+                    await self.handle(message)
+
+    # -- inputs -----------------------------------------------------------------------
+
+    async def handle(self, message: AnalyzerInput) -> None:
+        if isinstance(message, Delivered):
+            await self.on_delivered(message)
+        elif isinstance(message, AppEvent):
+            await self.on_event(message)
+        elif isinstance(message, RegistryChanged):
+            await self.on_registry_change(message)
+
+    async def _message(self, message_id: str) -> MessageRow | None:
+        if message_id in self._messages:
+            self._messages.move_to_end(message_id)
+            return self._messages[message_id]
+        row = await self.queue.get_message(message_id)
+        self._messages[message_id] = row
+        if len(self._messages) > 1024:
+            self._messages.popitem(last=False)
+        return row
+
+    async def _spec(self, root_id: str) -> tuple[MessageRow, FollowUp] | None:
+        root = await self._message(root_id)
+        if root is None or "follow_up" not in root.meta:
+            return None
+        return root, FollowUp.parse(root.meta["follow_up"])
+
+    async def on_delivered(self, d: Delivered) -> None:
+        message = await self._message(d.message_id)
+        if message is None or "follow_up" not in message.meta:
+            return
+        root_id = message.meta.get("root_id", message.message_id)
+        repush = root_id != message.message_id
+        spec = FollowUp.parse(message.meta["follow_up"])
+        if d.outcome == "delivered":
+            if repush:
+                await self.store.execute(
+                    """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
+                           updated_at = ? WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
+                    (d.at, d.at + spec.spacing, self.clock(), root_id, d.device_id),
+                )
+            else:
+                await self.store.execute(
+                    """INSERT INTO followups (root_id, device_id, user_id, state, delivered_at,
+                           last_delivered_at, due_at, updated_at)
+                       VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)
+                       ON CONFLICT (root_id, device_id) DO NOTHING""",
+                    (root_id, d.device_id, d.user_id, d.at, d.at, d.at + spec.deadline, self.clock()),
+                )
+        elif repush:
+            # The re-push was not delivered: a dead token, a withdrawn permission...
+            await self._stop(root_id, d.device_id, f"repush_{d.outcome}:{d.reason}")
+
+    async def on_event(self, e: AppEvent) -> None:
+        rows = await self.store.fetchall(
+            """SELECT root_id, device_id, delivered_at FROM followups
+               WHERE user_id = ? AND state IN ('pending', 'waiting')""",
+            (e.user_id,),
+        )
+        for root_id, device_id, delivered_at in rows:
+            found = await self._spec(root_id)
+            if found is None:
+                continue
+            _, spec = found
+            if e.at >= delivered_at and spec.event_matches(e.name, e.attributes):
+                await self._handled(root_id, device_id, e.at)
+
+    async def on_registry_change(self, change: RegistryChanged) -> None:
+        record = await self.registry.get(change.device_id)
+        if record is None:
+            await self.store.execute(
+                """UPDATE followups SET state = 'stopped', reason = 'device_unregistered', due_at = NULL,
+                       updated_at = ? WHERE device_id = ? AND state IN ('pending', 'waiting')""",
+                (self.clock(), change.device_id),
+            )
+            return
+        if not record.consent.events:
+            await self.withdraw_consent(record.user_id)
+        rows = await self.store.fetchall(
+            "SELECT root_id FROM followups WHERE device_id = ? AND state IN ('pending', 'waiting')",
+            (record.device_id,),
+        )
+        for (root_id,) in rows:
+            found = await self._spec(root_id)
+            if found is None:
+                continue
+            _, spec = found
+            rule = spec.registry_rule()
+            if rule is not None and rule.matches(record.fields()):
+                await self._handled(root_id, record.device_id, change.at or self.clock())
+
+    async def withdraw_consent(self, user_id: str) -> None:
+        """No more analysis for this user: delete their events, stop event follow-ups."""
+        deleted = await self.store.execute("DELETE FROM events WHERE user_id = ?", (user_id,))
+        rows = await self.store.fetchall(
+            "SELECT root_id, device_id FROM followups WHERE user_id = ? AND state IN ('pending', 'waiting')",
+            (user_id,),
+        )
+        stopped = 0
+        for root_id, device_id in rows:
+            found = await self._spec(root_id)
+            if found is not None and found[1].event is not None:
+                await self._stop(root_id, device_id, "consent_withdrawn")
+                stopped += 1
+        if deleted or stopped:
+            log.info("consent withdrawn", user_id=user_id, events_deleted=deleted, followups_stopped=stopped)
+
+    # -- state changes ------------------------------------------------------------------
+
+    async def _handled(self, root_id: str, device_id: str, at: float) -> None:
+        changed = await self.store.execute(
+            """UPDATE followups SET state = 'handled', handled_at = ?, due_at = NULL, updated_at = ?
+               WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
+            (at, self.clock(), root_id, device_id),
+        )
+        if changed:
+            log.info("handled", message_id=root_id, device_id=device_id)
+
+    async def _stop(self, root_id: str, device_id: str, reason: str, state: str = "stopped") -> None:
+        await self.store.execute(
+            """UPDATE followups SET state = ?, reason = ?, due_at = NULL, updated_at = ?
+               WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
+            (state, reason, self.clock(), root_id, device_id),
+        )
+
+    # -- the timer ----------------------------------------------------------------------
+
+    async def next_due(self) -> float | None:
+        row = await self.store.fetchone("SELECT min(due_at) FROM followups WHERE state = 'pending'")
+        return None if row is None else row[0]
+
+    async def _evidence(self, spec: FollowUp, record: DeviceRecord, delivered_at: float) -> float | None:
+        """When the user handled the matter, or None."""
+        if spec.event is not None:
+            rows = await self.store.fetchall(
+                "SELECT attributes, at FROM events WHERE user_id = ? AND name = ? AND at >= ? ORDER BY at",
+                (record.user_id, spec.event, delivered_at),
+            )
+            for attributes, at in rows:
+                if spec.event_matches(spec.event, msgpack.unpackb(attributes, raw=False)):
+                    return float(at)
+        rule = spec.registry_rule()
+        if rule is not None and rule.matches(record.fields()):
+            return record.updated_at_ms / 1000
+        return None
+
+    async def fire_due(self, now: float) -> int:
+        rows = await self.store.fetchall(
+            """SELECT root_id, device_id, user_id, delivered_at, repushes FROM followups
+               WHERE state = 'pending' AND due_at <= ? ORDER BY due_at LIMIT ?""",
+            (now, FIRE_BATCH),
+        )
+        repushes: dict[tuple[str, int], list[DeviceRecord]] = {}
+        for root_id, device_id, user_id, delivered_at, count in rows:
+            self.ctx.heartbeat.beat()
+            found = await self._spec(root_id)
+            if found is None:
+                await self._stop(root_id, device_id, "message_gone")
+                continue
+            root, spec = found
+            record = await self.registry.get(device_id)
+            if record is None:
+                await self._stop(root_id, device_id, "device_unregistered")
+                continue
+            if record.user_id != user_id:
+                await self._stop(root_id, device_id, "user_changed")
+                continue
+            if spec.event is not None and not record.consent.allows(spec.event):
+                await self._stop(root_id, device_id, "consent_withdrawn")
+                continue
+            handled_at = await self._evidence(spec, record, delivered_at)
+            if handled_at is not None:
+                await self._handled(root_id, device_id, handled_at)
+                continue
+            if count >= spec.max_repushes:
+                await self._stop(root_id, device_id, "max_repushes", state="gave_up")
+                continue
+            if not record.active:
+                await self._stop(root_id, device_id, "token_dead")
+                continue
+            reason = self._disqualified(root, spec, record)
+            if reason is not None:
+                await self._stop(root_id, device_id, reason)
+                continue
+            repushes.setdefault((root_id, count + 1), []).append(record)
+        for (root_id, n), records in repushes.items():
+            found = await self._spec(root_id)
+            assert found is not None
+            await self._repush(found[0], found[1], n, records, now)
+        return len(rows)
+
+    def _disqualified(self, root: MessageRow, spec: FollowUp, record: DeviceRecord) -> str | None:
+        live = self.live.current
+        category = root.meta.get("category")
+        if spec.strategy == "resend":
+            if not record.permissions.permits(root.push_type, category):
+                return "permission_withdrawn"
+            return None
+        target = Target.parse(root.target, set(root.target.get("classes", [])))
+        if target.devices is not None and record.device_id not in target.devices:
+            return "no_longer_qualifies:not_targeted"
+        if target.users is not None and record.user_id not in target.users:
+            return "no_longer_qualifies:not_targeted"
+        verdict = judge(
+            record,
+            classifier_classify=live.classifier.classify,
+            push_type=root.push_type,
+            category=category,
+            target_classes=target.classes,
+            target_filter=compile_rule(target.filter, "target.filter") if target.filter is not None else None,
+        )
+        if verdict.reason is not None:
+            return f"no_longer_qualifies:{verdict.reason}"
+        return None
+
+    async def _repush(self, root: MessageRow, spec: FollowUp, n: int, records: list[DeviceRecord], now: float) -> None:
+        live = self.live.current
+        child_id = f"{root.message_id}.r{n}"
+        notification = dict(spec.reminder) if spec.reminder is not None else dict(root.notification)
+        notification.setdefault("collapse_id", root.collapse_id or root.message_id)
+        expiration = now + max(60.0, (root.expiration or now + live.default_ttl) - root.created_at)
+        notification["expiration"] = int(expiration)
+        await self.queue.create_message(
+            MessageRow(
+                message_id=child_id,
+                notification=notification,
+                priority=root.priority,
+                push_type=root.push_type,
+                created_at=now,
+                audience=len(records),
+                target={"devices": [r.device_id for r in records]},
+                expiration=expiration,
+                collapse_id=notification.get("collapse_id"),
+                meta={
+                    "root_id": root.message_id,
+                    "repush": n,
+                    "strategy": spec.strategy,
+                    "follow_up": root.meta["follow_up"],
+                    "category": root.meta.get("category"),
+                },
+            )
+        )
+        issued = int(now * 1000)
+        items = []
+        shards = set()
+        for record in records:
+            class_id = (
+                live.classifier.classify(record.fields()) or "unclassified"
+                if spec.strategy == "regenerate"
+                else "unclassified"
+            )
+            if spec.strategy == "regenerate" and root.target.get("classes"):
+                # keep the class the device qualified by, so the node re-checks that rule
+                class_id = next(
+                    (c for c in root.target["classes"] if (r := live.classifier.rule(c)) and r.matches(record.fields())),
+                    class_id,
+                )
+            shard = live.shard_of(record.device_id, record.attributes)
+            shards.add(shard)
+            code = live.codes.seal(IdCode(child_id, record.device_id, record.user_id, class_id, issued))
+            items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=code))
+        await self.queue.enqueue(child_id, items, now=now)
+        await self.store.execute(
+            "UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (child_id,)
+        )
+        await self.store.executemany(
+            """UPDATE followups SET state = 'waiting', repushes = ?, due_at = NULL, updated_at = ?
+               WHERE root_id = ? AND device_id = ? AND state = 'pending'""",
+            [(n, now, root.message_id, r.device_id) for r in records],
+        )
+        log.info("re-push", message_id=root.message_id, repush=n, devices=len(records), strategy=spec.strategy)
+        if self.queue_notes is not None:
+            with contextlib.suppress(trio.WouldBlock):
+                self.queue_notes.send_nowait(Enqueued(shards=sorted(shards), count=len(items)))
+
+
+async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any] | None:
+    """Per message: delivered, handled, re-pushed, gave up, stopped, and time to handle."""
+    rows = await queue.store.fetchall(
+        """SELECT state, count(*), sum(repushes) FROM followups WHERE root_id = ? GROUP BY state""",
+        (message_id,),
+    )
+    if not rows:
+        return None
+    states = {state: n for state, n, _ in rows}
+    times = [
+        r[0]
+        for r in await queue.store.fetchall(
+            """SELECT handled_at - delivered_at FROM followups
+               WHERE root_id = ? AND state = 'handled' ORDER BY 1""",
+            (message_id,),
+        )
+    ]
+    return {
+        "delivered": sum(states.values()),
+        "handled": states.get("handled", 0),
+        "pending": states.get("pending", 0) + states.get("waiting", 0),
+        "gave_up": states.get("gave_up", 0),
+        "stopped": states.get("stopped", 0),
+        "repushed": sum(r or 0 for _, _, r in rows),
+        "time_to_handle": {
+            "p50": times[len(times) // 2] if times else None,
+            "max": times[-1] if times else None,
+        },
+    }
+
+
+async def followup_totals(queue: QueueStore) -> dict[str, Any]:
+    rows = await queue.store.fetchall("SELECT state, count(*), sum(repushes) FROM followups GROUP BY state")
+    out: dict[str, Any] = {state: n for state, n, _ in rows}
+    out["repushed"] = sum(r or 0 for _, _, r in rows)
+    return out

@@ -29,10 +29,11 @@ import structlog
 import trio
 
 from actors.base import ActorContext
+from actors.followup import FollowUp, FollowUpError
 from actors.idcode import IdCode
 from actors.live import LiveRef
 from actors.messages import Enqueued, Envelope, PushAccepted, SubmitPush
-from actors.queuestore import ItemResult, ItemRow, MessageRow, QueueStore
+from actors.queuestore import ItemRow, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.rules import Rule, RuleError, compile_rule
 from apns.payload import InvalidNotification, Notification, PushType
@@ -272,9 +273,15 @@ class CentralActor:
             stored["expiration"] = int(expiration)
         meta: dict[str, Any] = {"category": category_of(stored, msg.category)}
         if msg.follow_up is not None:
-            if not isinstance(msg.follow_up, Mapping):
-                raise Rejected("follow_up", "must be a map")
-            meta["follow_up"] = dict(msg.follow_up)
+            try:
+                follow_up = FollowUp.parse(
+                    msg.follow_up, default_deadline=live.default_deadline, default_max=live.max_repushes
+                )
+            except FollowUpError as exc:
+                raise Rejected(exc.field, exc.message) from None
+            if follow_up.reminder is not None and follow_up.reminder.get("topic") != notification.topic:
+                raise Rejected("follow_up.reminder.topic", "must be the push's topic")
+            meta["follow_up"] = follow_up.to_dict()
         if msg.parent_id is not None:
             meta["parent_id"] = msg.parent_id
         row = MessageRow(
@@ -364,8 +371,8 @@ class CentralActor:
             self.ctx.heartbeat.beat()
             live = self.live.current
             items: list[ItemRow] = []
-            skipped: list[tuple[str, str]] = []
             shards: set[int] = set()
+            sendable = 0
             issued = int(time.time() * 1000)
             for record in batch:
                 verdict = judge(
@@ -382,44 +389,31 @@ class CentralActor:
                     message_id, record.device_id, record.user_id, verdict.class_id or UNCLASSIFIED, issued
                 )
                 shard = live.shard_of(record.device_id, record.attributes)
-                items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=live.codes.seal(code)))
-                if verdict.reason is not None:
-                    skipped.append((record.device_id, verdict.reason))
-                else:
+                # A device that may not receive it is stored as skipped, with its reason,
+                # in the same transaction: never leased, never sent.
+                items.append(
+                    ItemRow(
+                        device_id=record.device_id,
+                        shard=shard,
+                        idcode=live.codes.seal(code),
+                        skip_reason=verdict.reason,
+                    )
+                )
+                if verdict.reason is None:
                     shards.add(shard)
+                    sendable += 1
             if not items:
                 continue
-            now = time.time()
-            await self.queue.enqueue(message_id, items, now=now)
-            if skipped:
-                await self._skip(message_id, skipped, now)
+            await self.queue.enqueue(message_id, items, now=time.time())
             total += len(items)
             if shards:
-                self._note(Enqueued(shards=sorted(shards), count=len(items) - len(skipped)))
+                self._note(Enqueued(shards=sorted(shards), count=sendable))
         await self.queue.store.execute(
             "UPDATE messages SET fanout_done = 1, audience = max(audience, ?) WHERE message_id = ?",
             (total, message_id),
         )
         bound.info("fan-out done", items=total)
         return total
-
-    async def _skip(self, message_id: str, skipped: list[tuple[str, str]], now: float) -> None:
-        """Record devices that may not receive the message (permissions) as skipped."""
-        rows = await self.queue.store.fetchall(
-            f"SELECT item_id, device_id FROM items WHERE message_id = ? AND state = 'queued' "
-            f"AND device_id IN ({','.join('?' * len(skipped))})",
-            [message_id, *(d for d, _ in skipped)],
-        )
-        reasons = dict(skipped)
-        ids = {r[1]: r[0] for r in rows}
-        # Lease-free final states: mark them directly through ack's bookkeeping.
-        await self.queue.store.executemany(
-            "UPDATE items SET state = 'leased' WHERE item_id = ? AND state = 'queued'",
-            [(ids[d],) for d in ids],
-        )
-        await self.queue.ack(
-            [ItemResult(ids[d], "skipped", outcome="skipped", reason=reasons[d]) for d in ids], now=now
-        )
 
     def _note(self, note: Enqueued) -> None:
         # The queue's sweep wakes the nodes anyway; a hint may be dropped.

@@ -6,16 +6,19 @@ field; nothing is stored until the input is known to be good.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import structlog
 import trio
 
+from actors.analyzer import followup_summary
 from actors.central import Rejected
-from actors.messages import Envelope, PushAccepted, RegistryChanged, SubmitPush
+from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import UnknownMessage
 from actors.registry import Consent, InvalidField, Permissions, Registration
 from actors.registry import validate as validate_registration
@@ -139,6 +142,7 @@ class Ops:
             "push": self.push,
             "message": self.message,
             "classes": self.classes,
+            "report": self.report,
         }
 
     async def _notify_analyzer(self, change: RegistryChanged) -> None:
@@ -274,7 +278,44 @@ class Ops:
             raise OpError(ErrorCode.NOT_FOUND, f"no message {message_id!r}", field="message_id") from None
         row = await self.p.store.fetchone("SELECT fanout_done FROM messages WHERE message_id = ?", (message_id,))
         state["fanout"] = {0: "running", 1: "done", -1: "failed"}.get(row[0] if row else 1, "done")
+        state["follow_up"] = await followup_summary(self.p.queue, message_id)
         return state
+
+    async def report(self, args: dict[str, Any], peer: Peer) -> Any:
+        """Record an app event for a user, only within the consent they gave."""
+        reject_unknown_args(args, ("user_id", "device_id", "name", "attributes", "at"))
+        user_id = get_arg(args, "user_id", str)
+        device_id = get_arg(args, "device_id", str, None) if args.get("device_id") is not None else None
+        name = get_arg(args, "name", str)
+        attributes = get_arg(args, "attributes", dict, {})
+        at = float(get_arg(args, "at", (int, float), time.time()))
+        if not name or len(name) > 64:
+            raise _invalid("name", "must be 1 to 64 characters")
+        if not all(isinstance(k, str) for k in attributes):
+            raise _invalid("attributes", "keys must be strings")
+        row = await self.p.store.fetchone(
+            "SELECT device_id FROM devices WHERE user_id = ? AND (? IS NULL OR device_id = ?) LIMIT 1",
+            (user_id, device_id, device_id),
+        )
+        if row is None:
+            field = "device_id" if device_id is not None else "user_id"
+            raise OpError(ErrorCode.NOT_FOUND, f"no registered device for user {user_id!r}", field=field)
+        record = await self.p.registry.get(row[0])
+        if record is None or not record.consent.allows(name):
+            raise OpError(
+                ErrorCode.NOT_ALLOWED,
+                f"user {user_id!r} has not consented to analysis of {name!r} events; nothing stored",
+                field="name",
+            )
+        await self.p.store.execute(
+            "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, ?, ?, ?, ?)",
+            (user_id, device_id, name, msgpack.packb(attributes, use_bin_type=True), at),
+        )
+        event = AppEvent(user_id=user_id, device_id=device_id, name=name, attributes=attributes, at=at)
+        # Stored: if the analyzer's inbox is full it finds the event at the deadline anyway.
+        with contextlib.suppress(trio.WouldBlock):
+            self.p.analyzer_send.send_nowait(event)
+        return {"stored": True}
 
     async def classes(self, args: dict[str, Any], peer: Peer) -> Any:
         reject_unknown_args(args, ())

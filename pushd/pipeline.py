@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from actors.analyzer import AnalyzerActor
+from actors.analyzer import AnalyzerActor, followup_totals
 from actors.base import ActorContext
 from actors.central import CentralActor
 from actors.idcode import CodeKeys
@@ -138,7 +138,14 @@ class Pipeline:
         )
 
     def _analyzer(self, ctx: ActorContext) -> AnalyzerActor:
-        return AnalyzerActor(ctx, inbox=self.analyzer_recv.clone())
+        return AnalyzerActor(
+            ctx,
+            inbox=self.analyzer_recv.clone(),
+            queue=self.queue,
+            registry=self.registry,
+            live=self.live,
+            queue_notes=self.queue_send.clone(),
+        )
 
     def _central(self, ctx: ActorContext) -> CentralActor:
         return CentralActor(
@@ -207,7 +214,12 @@ class Pipeline:
 
     async def stats(self) -> dict[str, Any]:
         counts = await self.queue.counts()
-        return {"nodes": len(self.node_names), "queue": counts, "deliveries": dict(self.counters)}
+        return {
+            "nodes": len(self.node_names),
+            "queue": counts,
+            "deliveries": dict(self.counters),
+            "follow_ups": await followup_totals(self.queue),
+        }
 
     def status_line(self) -> str:
         c = self.counters

@@ -1,0 +1,295 @@
+"""Push analysis and re-push, at the actor level with a virtual clock (the store is real
+SQLite; the clock only jumps when nothing has happened for a few real milliseconds, so
+database work never races the timer)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from actors.analyzer import AnalyzerActor, followup_summary
+from actors.base import ActorContext, Heartbeat
+from actors.idcode import CodeKeys
+from actors.live import Live, LiveRef
+from actors.messages import AppEvent, Delivered, RegistryChanged
+from actors.queuestore import MessageRow, QueueStore
+from actors.registry import Consent, Registration, Registry
+from actors.rules import Classifier
+from actors.storage import open_store
+
+BASE = 1_800_000_000.0  # wall-clock origin for the virtual clock
+TOPIC = "com.example.app"
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+def now() -> float:
+    return BASE + trio.current_time()
+
+
+@dataclass
+class World:
+    store: Any
+    queue: QueueStore
+    registry: Registry
+    live: LiveRef
+    inbox: trio.MemorySendChannel[Any]
+    nursery: trio.Nursery
+    recv: trio.MemoryReceiveChannel[Any]
+    actor_scope: trio.CancelScope | None = None
+
+    async def start_analyzer(self) -> None:
+        scope = trio.CancelScope()
+        self.actor_scope = scope
+        # A long heartbeat interval: the loop then wakes only for messages and deadlines,
+        # which keeps the number of virtual-clock jumps (each costs real idle time) small.
+        ctx = ActorContext("analyzer", Heartbeat(100_000.0))
+        actor = AnalyzerActor(
+            ctx, inbox=self.recv.clone(), queue=self.queue, registry=self.registry, live=self.live, clock=now
+        )
+
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await actor.run(task_status=task_status)
+
+        await self.nursery.start(run)
+
+    def crash_analyzer(self) -> None:
+        assert self.actor_scope is not None
+        self.actor_scope.cancel()
+
+    async def register(self, device_id: str, user_id: str, *, app_version: str = "1.0.0", consent: tuple[str, ...] = ("order.paid",)) -> None:
+        await self.registry.register(
+            Registration(
+                device_id=device_id, token=device_id.encode().hex().ljust(64, "0"), environment="production",
+                topic=TOPIC, model="iPhone", os_version="17.0", app_version=app_version, locale="en_US",
+                time_zone="UTC", user_id=user_id, consent=Consent(events=bool(consent), event_kinds=consent),
+            ),
+            now_ms=int(now() * 1000),
+        )
+
+    async def push(self, follow_up: dict[str, Any], target: dict[str, Any] | None = None) -> str:
+        message_id = f"m{int(trio.current_time() * 1000)}"
+        await self.queue.create_message(
+            MessageRow(
+                message_id=message_id,
+                notification={"aps": {"alert": "pay"}, "topic": TOPIC, "collapse_id": message_id},
+                priority=10, push_type="alert", created_at=now(), audience=1,
+                target=target or {"all": True}, expiration=now() + 86400, collapse_id=message_id,
+                meta={"follow_up": follow_up, "category": None},
+            )
+        )
+        return message_id
+
+    async def deliver(self, message_id: str, device_id: str, user_id: str, outcome: str = "delivered") -> None:
+        await self.inbox.send(Delivered(message_id, device_id, user_id, outcome, None, "apns-id", now()))
+
+    async def report(self, user_id: str, name: str, **attributes: Any) -> None:
+        await self.store.execute(
+            "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, NULL, ?, ?, ?)",
+            (user_id, name, msgpack.packb(attributes), now()),
+        )
+        await self.inbox.send(AppEvent(user_id, None, name, attributes, now()))
+
+    async def followup(self, root: str, device_id: str) -> dict[str, Any]:
+        row = await self.store.fetchone("SELECT * FROM followups WHERE root_id = ? AND device_id = ?", (root, device_id))
+        assert row is not None
+        return dict(row)
+
+    async def repushes(self, root: str) -> dict[str, tuple[float, list[str]]]:
+        rows = await self.store.fetchall(
+            "SELECT m.message_id, m.created_at, i.device_id FROM messages m JOIN items i USING (message_id) "
+            "WHERE m.message_id LIKE ? ORDER BY m.message_id, i.device_id",
+            (root + ".r%",),
+        )
+        out: dict[str, tuple[float, list[str]]] = {}
+        for mid, created, device in rows:
+            out.setdefault(mid, (created, []))[1].append(device)
+        return out
+
+
+@asynccontextmanager
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    classifier = Classifier.from_config(
+        [{"id": "needs-update", "rule": {"field": "device.app_version", "semver_lt": "2.0.0"}},
+         {"id": "everyone", "rule": "always"}]
+    )
+    live = LiveRef(Live(classifier=classifier, codes=CodeKeys({"k1": b"k" * 32}, "k1"), node_count=1))
+    # Storage timeouts run on trio's clock; under the virtual clock they must not fire.
+    async with open_store(tmp_path / "db.sqlite3", write_timeout=1e9) as store, trio.open_nursery() as nursery:
+        send, recv = trio.open_memory_channel[Any](100)
+        w = World(store, QueueStore(store), Registry(store), live, send, nursery, recv)
+        yield w
+        nursery.cancel_scope.cancel()
+
+
+FOLLOW = {"handled": {"event": "order.paid", "match": {"order": "A1"}}, "deadline": 600.0,
+          "max_repushes": 2, "spacing": 300.0, "strategy": "resend"}
+
+
+async def test_handled_before_the_deadline_means_no_repush(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(100)
+        await w.report("u1", "order.paid", order="B2")  # another order: not evidence
+        await trio.sleep(100)
+        await w.report("u1", "order.paid", order="A1")
+        await trio.sleep(2000)
+        f = await w.followup(root, "d1")
+        assert f["state"] == "handled"
+        assert f["handled_at"] - f["delivered_at"] == pytest.approx(200, abs=1)
+        assert await w.repushes(root) == {}
+        summary = await followup_summary(w.queue, root)
+        assert summary is not None and summary["handled"] == 1 and summary["repushed"] == 0
+
+
+async def test_not_handled_repushes_at_the_deadline_up_to_the_maximum_spaced(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        t0 = now()
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        r = await w.repushes(root)
+        assert list(r) == [f"{root}.r1"]
+        assert r[f"{root}.r1"][0] - t0 == pytest.approx(600, abs=1)
+        await trio.sleep(50)
+        await w.deliver(f"{root}.r1", "d1", "u1")  # the re-push reached the device at t0+651
+        await trio.sleep(299)
+        assert len(await w.repushes(root)) == 1  # spacing not over yet
+        await trio.sleep(2)
+        r = await w.repushes(root)
+        assert r[f"{root}.r2"][0] - t0 == pytest.approx(951, abs=1)
+        await w.deliver(f"{root}.r2", "d1", "u1")
+        await trio.sleep(5000)
+        assert len(await w.repushes(root)) == 2  # max_repushes = 2
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["reason"], f["repushes"]) == ("gave_up", "max_repushes", 2)
+
+
+async def test_regenerate_skips_devices_that_no_longer_qualify(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("old", "u1", app_version="1.0.0")
+        await w.register("also-old", "u2", app_version="1.5.0")
+        follow = {**FOLLOW, "strategy": "regenerate"}
+        root = await w.push(follow, target={"classes": ["needs-update"]})
+        await w.deliver(root, "old", "u1")
+        await w.deliver(root, "also-old", "u2")
+        await trio.sleep(10)
+        await w.register("old", "u1", app_version="2.1.0")  # updated in the meantime
+        await w.inbox.send(RegistryChanged("old", "u1", "updated", "2.1.0", now()))
+        await trio.sleep(600)
+        assert {m: d for m, (_, d) in (await w.repushes(root)).items()} == {f"{root}.r1": ["also-old"]}
+        f = await w.followup(root, "old")
+        assert (f["state"], f["reason"]) == ("stopped", "no_longer_qualifies:not_targeted")
+
+
+async def test_registry_condition_counts_as_handled(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1", app_version="1.0.0", consent=())
+        follow = {**FOLLOW, "handled": {"registry": {"field": "device.app_version", "semver_ge": "2.0.0"}}}
+        root = await w.push(follow)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(30)
+        await w.register("d1", "u1", app_version="2.0.0", consent=())
+        await w.inbox.send(RegistryChanged("d1", "u1", "updated", "2.0.0", now()))
+        await trio.sleep(1000)
+        assert (await w.followup(root, "d1"))["state"] == "handled"
+        assert await w.repushes(root) == {}
+
+
+async def test_consent_withdrawal_stops_repushes_and_deletes_events(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await w.report("u1", "order.paid", order="other")
+        await trio.sleep(10)
+        await w.register("d1", "u1", consent=())
+        await w.inbox.send(RegistryChanged("d1", "u1", "updated", "1.0.0", now()))
+        await trio.sleep(2000)
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["reason"]) == ("stopped", "consent_withdrawn")
+        assert await w.repushes(root) == {}
+        assert await w.store.fetchall("SELECT * FROM events WHERE user_id = 'u1'") == []
+
+
+async def test_dead_token_on_a_repush_stops_the_follow_up(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        await w.deliver(f"{root}.r1", "d1", "u1", outcome="token_dead")
+        await trio.sleep(3000)
+        f = await w.followup(root, "d1")
+        assert f["state"] == "stopped" and f["reason"].startswith("repush_token_dead")
+        assert len(await w.repushes(root)) == 1
+
+
+async def test_restart_restores_pending_follow_ups_without_loss_or_double_firing(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        for i in range(5):
+            await w.register(f"d{i}", f"u{i}")
+        root = await w.push(FOLLOW)
+        for i in range(5):
+            await w.deliver(root, f"d{i}", f"u{i}")
+        await trio.sleep(100)
+        w.crash_analyzer()  # before the deadline
+        await trio.sleep(1000)  # nobody watching: the deadline passes while down
+        assert await w.repushes(root) == {}
+        await w.start_analyzer()  # the new incarnation restores the pending rows
+        await trio.sleep(5)
+        r = await w.repushes(root)
+        assert r[f"{root}.r1"][1] == [f"d{i}" for i in range(5)]
+        # a crash after the child was written but before the rows were updated:
+        w.crash_analyzer()
+        await w.store.execute("UPDATE followups SET state = 'pending', repushes = 0, due_at = ?", (now(),))
+        await w.start_analyzer()
+        await trio.sleep(5)
+        r = await w.repushes(root)
+        assert list(r) == [f"{root}.r1"] and len(r[f"{root}.r1"][1]) == 5  # not doubled
+        counts = await w.store.fetchall(
+            "SELECT device_id, count(*) FROM items WHERE message_id = ? GROUP BY device_id", (f"{root}.r1",)
+        )
+        assert all(n == 1 for _, n in counts)
+        states = {(await w.followup(root, f"d{i}"))["state"] for i in range(5)}
+        assert states == {"waiting"}
+
+
+async def test_one_timer_not_a_task_per_follow_up(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        roots = [await w.push({**FOLLOW, "deadline": 600.0 + i}) for i in range(50)]
+        for root in roots:
+            await w.deliver(root, "d1", "u1")
+            await trio.sleep(0.001)
+        await trio.sleep(5)
+        tasks_before = len(trio.lowlevel.current_root_task().child_nurseries[0].child_tasks)
+        await trio.sleep(1)
+        tasks_after = len(trio.lowlevel.current_root_task().child_nurseries[0].child_tasks)
+        assert tasks_before == tasks_after
+        await trio.sleep(700)
+        assert sum([len(await w.repushes(r)) for r in roots]) == 50
