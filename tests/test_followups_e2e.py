@@ -1,0 +1,83 @@
+"""Follow-ups through the running daemon (real time, short deadlines) against the
+embedded simulator: a resend reaches the same device with a new apns-id; reports outside
+consent are refused and stored nowhere; a follow-up's bad fields are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from pushd.client import RequestFailed
+from tests.pipeline_helpers import alert, call, device, running, settled, simulator
+
+FOLLOW = {
+    "handled": {"event": "order.paid", "match": {"order": "A1"}},
+    "deadline": 0.5,
+    "spacing": 0.5,
+    "max_repushes": 1,
+    "strategy": "resend",
+}
+
+
+async def wait_followup(root: Path, message_id: str, key: str, value: int, deadline: float = 15.0) -> dict:
+    with trio.fail_after(deadline):
+        while True:
+            state = await call(root, "message", message_id=message_id)
+            summary = state["follow_up"]
+            if summary is not None and summary[key] >= value:
+                return summary
+            await trio.sleep(0.05)
+
+
+async def test_resend_reaches_the_same_device_with_a_new_apns_id(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        reg = device("d1", "u1", consent={"events": True, "event_kinds": ["order.paid"]})
+        await call(short_tmp, "register", **reg)
+        await call(short_tmp, "register", **device("d2", "u2", consent={"events": True, "event_kinds": ["order.paid"]}))
+        accepted = await call(short_tmp, "push", notification=alert("pay"), target={"devices": ["d1", "d2"]}, follow_up=FOLLOW)
+        await settled(short_tmp, accepted["message_id"])
+        await call(short_tmp, "report", user_id="u2", name="order.paid", attributes={"order": "A1"})
+        summary = await wait_followup(short_tmp, accepted["message_id"], "gave_up", 1)
+        assert summary["handled"] == 1 and summary["repushed"] == 1
+        to_d1 = [r for r in simulator(daemon).requests if r.token == reg["token"]]
+        assert len(to_d1) == 2
+        assert to_d1[0].apns_id != to_d1[1].apns_id
+        # the reminder replaces the original on the lock screen: same collapse id
+        assert to_d1[0].headers["apns-collapse-id"] == to_d1[1].headers["apns-collapse-id"] == accepted["message_id"]
+        stats = await call(short_tmp, "stats")
+        assert stats["follow_ups"]["handled"] == 1 and stats["follow_ups"]["gave_up"] == 1
+
+
+async def test_reports_outside_consent_are_refused_and_not_stored(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        await call(short_tmp, "register", **device("d1", "u1", consent={"events": True, "event_kinds": ["app.opened"]}))
+        await call(short_tmp, "register", **device("d2", "u2"))  # no consent at all
+        for user, name in [("u1", "order.paid"), ("u2", "app.opened")]:
+            with pytest.raises(RequestFailed) as info:
+                await call(short_tmp, "report", user_id=user, name=name)
+            assert info.value.code == "not_allowed" and info.value.field == "name"
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "report", user_id="nobody", name="app.opened")
+        assert info.value.code == "not_found"
+        assert await call(short_tmp, "report", user_id="u1", name="app.opened") == {"stored": True}
+        rows = await daemon.pipeline.store.fetchall("SELECT user_id, name FROM events")
+        assert [tuple(r) for r in rows] == [("u1", "app.opened")]
+
+
+async def test_follow_up_fields_are_validated(short_tmp: Path) -> None:
+    async with running(short_tmp):
+        cases = [
+            ({**FOLLOW, "strategy": "shout"}, "follow_up.strategy"),
+            ({**FOLLOW, "deadline": -1}, "follow_up.deadline"),
+            ({**FOLLOW, "max_repushes": 99}, "follow_up.max_repushes"),
+            ({**FOLLOW, "handled": {}}, "follow_up.handled"),
+            ({**FOLLOW, "handled": {"registry": {"field": "device.app_version", "semver_ge": 2}}}, "follow_up.handled.registry.semver_ge"),
+            ({**FOLLOW, "reminder": {"aps": {"alert": 1}, "topic": "com.example.app"}}, "follow_up.reminder.aps.alert"),
+            ({**FOLLOW, "colour": 1}, "follow_up.colour"),
+        ]
+        for follow_up, field in cases:
+            with pytest.raises(RequestFailed) as info:
+                await call(short_tmp, "push", notification=alert(), target={"all": True}, follow_up=follow_up)
+            assert info.value.field == field, (field, info.value.message)
