@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpack
 import trio
 
 from actors.analyzer import AnalyzerActor
