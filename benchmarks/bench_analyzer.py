@@ -75,7 +75,7 @@ async def main(n: int) -> None:
                 running = rss_mb()
                 ctx.stopping.set()
                 del send
-            size_mb = os.path.getsize(Path(tmp) / "db.sqlite3") / 2**20
+            size_mb = (await trio.Path(tmp, "db.sqlite3").stat()).st_size / 2**20
     print(f"pending follow-ups        {n:>12,}")
     print(f"rows written in           {write_s:>12.1f} s")
     print(f"database file             {size_mb:>12.1f} MB")
