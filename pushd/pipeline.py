@@ -120,6 +120,13 @@ class Pipeline:
     # -- actors ---------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery, supervisor: Supervisor) -> None:
+        # The instance lock makes this the only process on the store: every lease in it
+        # belongs to a process that died. Hand them out again now, not after lease_seconds.
+        now = time.time()
+        await self.store.execute("UPDATE items SET lease_until = ? WHERE state = 'leased'", (now,))
+        reclaimed = await self.queue.reclaim_expired_leases(now)
+        if reclaimed:
+            log.info("leases of a previous run reclaimed", items=reclaimed)
         if self.sim_setup is not None:
             await nursery.start(supervisor.supervise, "apns-simulator", self._simulator)
         await nursery.start(supervisor.supervise, "queue", self._queue)

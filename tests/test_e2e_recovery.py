@@ -34,7 +34,6 @@ record = "requests.jsonl"
 [nodes]
 count = {NODES}
 batch = {BATCH}
-lease_seconds = 3.0
 [queue]
 sweep_interval = 0.5
 """
