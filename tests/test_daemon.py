@@ -140,3 +140,21 @@ async def test_stats_and_status_ops(short_tmp: Path) -> None:
         assert isinstance(stats, dict) and stats["restarts"] == 0
         status = await call(short_tmp / "ctl.sock", "status")
         assert isinstance(status, dict) and status["draining"] is False
+
+
+async def test_reload_replaces_rules_and_code_keys_live(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp)
+    ctl = short_tmp / "ctl.sock"
+    async with running(cfg) as daemon:
+        assert await call(ctl, "classes") == {"classes": []}
+        extra = (
+            '[codes]\ncurrent = "k2"\nkeys = { k1 = "file:codes-k1.key", k2 = "file:codes-k2.key" }\n'
+            '[[classes]]\nid = "beta"\nrule = { field = "user.attributes.beta", eq = true }\n'
+        )
+        write_config(short_tmp, extra=extra)
+        result = await call(ctl, "reload")
+        assert isinstance(result, dict) and set(result["changed"]) == {"classes", "codes.current", "codes.keys"}
+        classes = await call(ctl, "classes")
+        assert isinstance(classes, dict) and [c["id"] for c in classes["classes"]] == ["beta"]
+        assert daemon.pipeline.live.current.codes.current == "k2"
+        assert (short_tmp / "state" / "codes-k2.key").exists()
