@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import json
 import math
 import random
 import ssl
@@ -37,6 +38,8 @@ import h2.settings
 import hpack
 import structlog
 import trio
+
+from apns.outcome import REASONS, OutcomeClass
 
 log = structlog.get_logger()
 
@@ -119,6 +122,7 @@ class Request:
         "body",
         "deadline",
         "detail",
+        "goaway_reason",
         "headers",
         "on_done",
         "result",
@@ -137,6 +141,7 @@ class Request:
         self.on_done = on_done
         self.result: Response | Failure | None = None
         self.detail = ""
+        self.goaway_reason: str | None = None  # APNs reason of the GOAWAY that handed it back
         self._offset = 0
         self._stream_id = 0
         self._status = 0
@@ -188,6 +193,7 @@ class Connection:
         self._limit = 1
         self._accepting = False
         self._goaway = False
+        self.goaway_reason: str | None = None  # the APNs reason in the server's GOAWAY
         self._closed = False
         self._peer_failed = False  # EOF, a broken socket or an unanswered PING
         self.close_reason = ""
@@ -519,28 +525,41 @@ class Connection:
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         last = event.last_stream_id if event.last_stream_id is not None else 0
-        reason = (event.additional_data or b"").decode("utf-8", "replace")
+        debug = (event.additional_data or b"").decode("utf-8", "replace")
+        reason = self.goaway_reason = _apns_reason(debug)
         log.info(
             "apns.goaway",
             host=self.host,
             last_stream_id=last,
             error_code=str(event.error_code),
-            reason=reason,
+            debug=debug,
         )
         self._goaway = True
         self._accepting = False
-        self.close_reason = f"GOAWAY {reason}".strip()
+        self.close_reason = f"GOAWAY {debug}".strip()
         # h2 moves its state machine to CLOSED on a received GOAWAY, which would make it
         # reject the answers still owed to streams <= last_stream_id.  We open no new
         # streams from here on, so let it keep receiving.
         self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         for stream_id in [s for s in self._active if s > last]:
+            self._active[stream_id].goaway_reason = reason
             self._complete(stream_id, Failure.NOT_SENT, "above GOAWAY last stream id")
         queue, self._queue = self._queue, deque()
         for request in queue:
+            request.goaway_reason = reason
             request._finish(Failure.NOT_SENT, "GOAWAY")
         if not self._active:
             self.close(self.close_reason)
+
+
+def _apns_reason(debug: str) -> str | None:
+    """The ``reason`` of APNs's JSON GOAWAY debug data (``{"reason":"Shutdown"}``), if any."""
+    try:
+        data = json.loads(debug)
+    except ValueError:
+        return None
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 @dataclass
@@ -579,6 +598,9 @@ class ConnectionPool:
         self._next = 0
         self._ready = trio.Event()
         self.stats = PoolStats()
+        #: The APNs reason (a credentials one) with which the last connection was sent away
+        #: before it answered anything; None once a connection answers a request.
+        self.refusal: str | None = None
 
     @property
     def connections(self) -> list[Connection]:
@@ -608,8 +630,8 @@ class ConnectionPool:
         return best is not None and best.submit(request)
 
     async def wait_ready(self) -> None:
-        """Return once at least one connection accepts requests."""
-        while not any(c.accepting for c in self._connections):
+        """Return once a connection accepts requests, or the server refused the credentials."""
+        while not any(c.accepting for c in self._connections) and self.refusal is None:
             if self._ready.is_set():
                 self._ready = trio.Event()
             await self._ready.wait()
@@ -636,6 +658,11 @@ class ConnectionPool:
                 self._connections.remove(conn)
             if conn.goaway_received:
                 self.stats.goaways += 1
+            if conn.responses:
+                self.refusal = None
+            elif REASONS.get(conn.goaway_reason or "") is OutcomeClass.CREDENTIALS:
+                self.refusal = conn.goaway_reason  # e.g. BadCertificateEnvironment
+                self._ready.set()
             if conn.close_reason:
                 key = conn.close_reason.split(":")[0]
                 self.stats.closes[key] = self.stats.closes.get(key, 0) + 1

@@ -44,7 +44,7 @@ from apns.connection import (
     Response,
     backoff_delay,
 )
-from apns.outcome import Outcome, OutcomeClass
+from apns.outcome import REASONS, Outcome, OutcomeClass
 from apns.payload import EncodedNotification, InvalidNotification, normalize_token, redact_token
 
 __all__ = [
@@ -267,6 +267,11 @@ class Sender:
         config = self.config
         while batch.unfinished:
             if batch.ready and not self._submit_ready(batch):
+                if self._pool.refusal is not None:  # APNs refused the credentials outright
+                    jobs, batch.ready = batch.ready, []
+                    for job in jobs:
+                        self._refused(job, self._pool.refusal)
+                    continue
                 with trio.move_on_after(config.request_timeout):
                     await self._pool.wait_ready()
                     continue
@@ -336,6 +341,10 @@ class Sender:
             self._retry_or_finish(job, outcome)
             return
         failure = result if isinstance(result, Failure) else Failure.LOST
+        reason = request.goaway_reason
+        if reason is not None and REASONS.get(reason) is OutcomeClass.CREDENTIALS:
+            self._refused(job, reason)
+            return
         if failure is Failure.NOT_SENT and job.handbacks < _MAX_HANDBACKS:
             job.handbacks += 1
             self._handbacks += 1
@@ -344,6 +353,14 @@ class Sender:
         job.attempts += 1
         detail = f"{failure.value}: {request.detail}"
         self._retry_or_finish(job, Outcome.connection_lost(detail, job.notification.apns_id))
+
+    def _refused(self, job: _Job, reason: str) -> None:
+        """APNs sent the connection away over its credentials (BadCertificateEnvironment
+        comes as a GOAWAY): returned as CREDENTIALS, not retried."""
+        outcome = Outcome(
+            OutcomeClass.CREDENTIALS, None, reason, job.notification.apns_id, detail="GOAWAY"
+        )
+        self._finish(job.batch, job.index, outcome, job.token)
 
     def _resend_now(self, job: _Job) -> None:
         job.batch.ready.append(job)

@@ -24,6 +24,7 @@ from apns.simulator import (
     SimKey,
     Simulator,
     TlsFiles,
+    generate_client_certificate,
     generate_signing_key,
     generate_tls,
 )
@@ -371,6 +372,47 @@ async def test_request_timeout_resets_the_stream_and_keeps_the_connection(
         await trio.sleep(60)  # the late answers were dropped with the reset streams
         assert sim.connection_count == 1 and sim.request_count == 2
         assert sender.stats()["outcomes"]["delivered"] == 2
+
+
+async def test_certificate_auth_and_a_wrong_environment_certificate(
+    tls: TlsFiles, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sim = Simulator(
+        SimConfig(cert_file=tls.cert_file, key_file=tls.key_file, client_ca_file=tls.ca_file)
+    )
+    both = generate_client_certificate(tls, tmp_path / "both", TOPIC)
+    dev_only = generate_client_certificate(
+        tls, tmp_path / "dev", TOPIC, environments=("development",)
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve)
+
+        def config(cert: tuple[Path, Path]) -> SenderConfig:
+            ctx = make_ssl_context(ca_file=tls.ca_file, client_cert=cert[0], client_key=cert[1])
+            return SenderConfig(host="127.0.0.1", port=port, ssl_context=ctx, connections=1)
+
+        async with open_sender(config(both)) as sender:
+            outcome = await sender.send(TOKEN, note())
+            assert outcome.klass is OutcomeClass.DELIVERED, outcome
+            assert "authorization" not in sim.requests[0].headers
+        # APNs answers a certificate for the other environment with a GOAWAY
+        async with open_sender(config(dev_only)) as sender:
+            outcome = await sender.send(TOKEN, note())
+            assert (outcome.klass, outcome.reason) == (
+                OutcomeClass.CREDENTIALS,
+                "BadCertificateEnvironment",
+            )
+            # later requests are refused at once, while the pool keeps retrying (backing off)
+            with trio.fail_after(60):
+                while sender.pool.refusal is None:  # noqa: ASYNC110 (bounded poll)
+                    await trio.sleep(0.1)
+            before = trio.current_time()
+            again = await sender.send(TOKEN, note())
+            assert (again.klass, again.reason) == (outcome.klass, outcome.reason)
+            assert trio.current_time() == before
+            assert sender.stats()["handbacks"] == 0
+        assert sim.request_count == 1
+        nursery.cancel_scope.cancel()
 
 
 def test_config_environments_and_validation() -> None:
