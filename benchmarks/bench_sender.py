@@ -122,9 +122,7 @@ async def run_sender(
     return Rate(n / elapsed, cpu / n * 1e6)
 
 
-async def run_aioapns(
-    port: int, ca_file: Path, private_pem: bytes, n: int, in_flight: int
-) -> Rate:
+async def run_aioapns(port: int, ca_file: Path, private_pem: bytes, n: int, in_flight: int) -> Rate:
     from aioapns import APNs, NotificationRequest, PushType
     from aioapns.connection import APNsProductionClientProtocol
 
