@@ -734,6 +734,7 @@ class Simulator:
         self.port: int = 0
         self.requests: list[RecordedRequest] = []
         self.request_count = 0  # answered requests, including records dropped by max_records
+        self.received_count = 0  # well-formed requests whose HEADERS arrived (answered or not)
         self.connection_count = 0  # connections accepted so far
         self.tls: TlsFiles | None = None
         self._keys: dict[str, tuple[SimKey, ec.EllipticCurvePublicKey]] = {}
@@ -834,9 +835,15 @@ class Simulator:
         while self.request_count < n:
             await self._changed.wait()
 
+    async def wait_for_received(self, n: int) -> None:
+        """Return once at least ``n`` requests have arrived (HEADERS read), answered or not:
+        with ``response_delay`` set, a test can act while they are in flight."""
+        while self.received_count < n:
+            await self._changed.wait()
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Return once ``predicate()`` holds; it is re-checked after every answered request
-        and every accepted connection (wrap it in ``trio.fail_after`` to bound the wait)."""
+        """Return once ``predicate()`` holds; it is re-checked whenever requests arrive or are
+        answered and connections are accepted (wrap it in ``trio.fail_after`` to bound it)."""
         while not predicate():
             await self._changed.wait()
 
@@ -1407,6 +1414,7 @@ class _Connection:
 
     def _handle(self, events: list[h2.events.Event]) -> None:
         completed: list[_Stream] = []
+        received = self.sim.received_count
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
                 self._on_request(event)
@@ -1432,6 +1440,8 @@ class _Connection:
                 self._send_pending_bodies()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._peer_gone = True
+        if self.sim.received_count != received:
+            self.sim._notify()
         if completed:
             self._complete(completed)
 
@@ -1467,6 +1477,7 @@ class _Connection:
             return
         headers = dict(pairs)
         self._streams[stream_id] = _Stream(stream_id, headers, len(headers) != len(pairs))
+        self.sim.received_count += 1
 
     def _complete(self, completed: list[_Stream]) -> None:
         cfg = self.sim.config

@@ -649,7 +649,8 @@ async def test_goaway_with_last_stream_id(
     await client.wait_for(lambda: client.max_streams == 1000)
     in_flight = [client.send(request_headers(jwt=jwt)) for _ in range(4)]  # streams 3, 5, 7, 9
     await client.flush()
-    await trio.sleep(0.2)  # the server has read them all (their answers wait 1 s)
+    await env.sim.wait_for_received(5)  # the server has read them all (their answers wait 1 s)
+    assert env.sim.request_count == 1
     env.sim.goaway(last_stream_id=5, reason="Shutdown")
     await client.wait_for(lambda: client.closed.is_set())
     assert client.goaway is not None
