@@ -55,6 +55,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 import hpack.hpack
+import structlog
 import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -116,6 +117,8 @@ OID_DEVELOPMENT = x509.ObjectIdentifier("1.2.840.113635.100.6.3.1")
 OID_PRODUCTION = x509.ObjectIdentifier("1.2.840.113635.100.6.3.2")
 OID_TOPICS = x509.ObjectIdentifier("1.2.840.113635.100.6.3.6")
 _ENVIRONMENT_OIDS = {OID_DEVELOPMENT: "development", OID_PRODUCTION: "production"}
+
+log = structlog.get_logger()
 
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -746,6 +749,7 @@ class Simulator:
         self._max_streams = self.config.max_concurrent_streams
         self._connections: set[_Connection] = set()
         self.protocol_errors: list[str] = []  # malformed requests, answered with RST_STREAM
+        self.internal_errors = 0  # simulator bugs (logged; a 500, or the connection dropped)
         self._goaway_plans: list[_GoawayPlan] = []
         self._faults: list[_Fault] = []
         self._token_hits: dict[str, list[float]] = {}
@@ -930,6 +934,9 @@ class Simulator:
         self._notify()
         try:
             await connection.run()
+        except Exception:  # a simulator bug: drop this connection, keep serving the others
+            log.exception("simulator connection failed", connection_id=connection.id)
+            self.internal_errors += 1
         finally:
             self._connections.discard(connection)
 
@@ -1004,6 +1011,10 @@ class Simulator:
             status, reason, timestamp = 200, None, None
         except _Rejected as rejection:
             status, reason, timestamp = rejection.status, rejection.reason, rejection.timestamp_ms
+        except Exception:  # a simulator bug: answer as APNs would, keep serving
+            log.exception("simulator failed to evaluate a request", stream_id=stream.stream_id)
+            self.internal_errors += 1
+            status, reason, timestamp = 500, "InternalServerError", None
         return _Response(
             stream_id=stream.stream_id,
             status=status,
@@ -1257,7 +1268,9 @@ class _Connection:
         self._unique_id = cfg.unique_id or (
             cfg.unique_id is None and cfg.environment == "development"
         )
-        self._out = bytearray()  # frames built outside h2 (GOAWAY), sent before h2's next bytes
+        # Frames built outside h2 (answers, GOAWAY); h2's own bytes are moved in before each
+        # one is added, so the order on the wire is the order of the calls.
+        self._out = bytearray()
         self._send_lock = trio.StrictFIFOLock()
         self._kick = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -1376,11 +1389,10 @@ class _Connection:
                 return
             self._last_activity = trio.current_time()
             try:
-                events = self.h2.receive_data(data)
+                self._handle(self.h2.receive_data(data))
             except h2.exceptions.ProtocolError:
                 await self._flush()  # h2 queued its GOAWAY
                 return
-            self._handle(events)
             if await self._flush_or_finish():
                 return
 

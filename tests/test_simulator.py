@@ -1150,3 +1150,21 @@ async def test_given_certificate_files(
     ).status == 200
     with trio.fail_after(5):
         await sim.wait_until(lambda: len(sim.delivered) == 1)
+
+
+async def test_simulator_bug_becomes_internal_server_error(
+    start: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = await start()
+    client = await env.client()
+    original = env.sim._validate
+
+    def broken(*args: Any) -> None:
+        monkeypatch.setattr(env.sim, "_validate", original)  # only once
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(env.sim, "_validate", broken)
+    reply = await client.post(request_headers(jwt=env.jwt()))
+    assert (reply.status, reply.reason) == (500, "InternalServerError")
+    assert env.sim.internal_errors == 1
+    assert (await client.post(request_headers(jwt=env.jwt()))).status == 200
