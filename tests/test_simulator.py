@@ -15,6 +15,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 import trio
@@ -76,6 +77,7 @@ class Client:
         self.settings_changes: list[dict[int, int]] = []
         self.changed = trio.Event()
         self.closed = trio.Event()
+        self.protocol_error: h2.exceptions.ProtocolError | None = None
         self.send_lock = trio.StrictFIFOLock()
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -101,6 +103,8 @@ class Client:
                 self._notify()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except h2.exceptions.ProtocolError as exc:
+            self.protocol_error = exc
         finally:
             self.closed.set()
             self._notify()
@@ -1168,3 +1172,37 @@ async def test_simulator_bug_becomes_internal_server_error(
     assert (reply.status, reply.reason) == (500, "InternalServerError")
     assert env.sim.internal_errors == 1
     assert (await client.post(request_headers(jwt=env.jwt()))).status == 200
+
+
+async def test_goaway_immediate_timing(
+    start: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
+    """RFC 9113 order: the GOAWAY first, the owed answers after it.  h2 4.x (this test's
+    client, like most Python clients) treats frames after a GOAWAY as a protocol error."""
+    env = await start(response_delay=1.0, goaway_timing="immediate")
+    client = await env.client()
+    jwt = env.jwt()
+    assert (await client.post(request_headers(jwt=jwt))).status == 200
+    await client.wait_for(lambda: client.max_streams == 1000)
+    for _ in range(3):  # streams 3, 5, 7
+        client.send(request_headers(jwt=jwt))
+    await client.flush()
+    await env.sim.wait_for_received(4)
+    env.sim.goaway(last_stream_id=5, reason="Shutdown")
+    await client.wait_for(lambda: client.closed.is_set())
+    assert client.goaway is not None and client.goaway.last_stream_id == 5
+    assert isinstance(client.protocol_error, h2.exceptions.ProtocolError)  # answers came after
+    assert sorted(r.stream_id for r in env.sim.requests) == [1, 3, 5]
+
+
+async def test_strict_json_and_record_limit(start: Callable[..., Any]) -> None:
+    env = await start(strict_json=True, max_records=4)
+    client = await env.client()
+    jwt = env.jwt()
+    assert (await client.post(request_headers(jwt=jwt), b"not json")).reason == "BadPayload"
+    assert (await client.post(request_headers(jwt=jwt), b"[1]")).reason == "BadPayload"
+    for _ in range(5):
+        assert (await client.post(request_headers(jwt=jwt), b'{"aps":{}}')).status == 200
+    assert env.sim.request_count == 7
+    assert len(env.sim.requests) <= 4
+    assert env.sim.requests[-1].stream_id == 13
