@@ -1636,6 +1636,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help="trust this signing key (public PEM or .p8); repeatable",
     )
     parser.add_argument("--no-auth", action="store_true", help="accept requests without a JWT")
+    parser.add_argument(
+        "--client-ca", type=Path, metavar="PEM", help="accept client certificates this CA signed"
+    )
+    parser.add_argument(
+        "--unregistered",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="answer 410 Unregistered (timestamp: start time) for this token; repeatable",
+    )
+    parser.add_argument(
+        "--expired",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="answer 410 ExpiredToken for this token; repeatable",
+    )
     parser.add_argument("--streams", type=int, default=1000, help="MAX_CONCURRENT_STREAMS")
     parser.add_argument(
         "--initial-streams",
@@ -1672,6 +1689,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         token_initial_streams=args.initial_streams or None,
         keys=list(args.key),
         require_auth=not args.no_auth,
+        client_ca_file=args.client_ca,
         error_rates={status: p for status, p in rates.items() if p > 0},
         seed=args.seed,
         response_delay=args.delay,
@@ -1681,8 +1699,15 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     )
 
 
-async def _run_cli(config: SimConfig, record_path: Path | None) -> None:
+async def _run_cli(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    record_path: Path | None = args.record
     sim = Simulator(config)
+    now_ms = int(config.wall_clock() * 1000)
+    for token in args.unregistered:
+        sim.set_token_state(token, unregistered_at_ms=now_ms)
+    for token in args.expired:
+        sim.set_token_state(token, expired=True)
     record_file = None
     if record_path is not None:
         record_file = record_path.open("a", encoding="utf-8")
@@ -1714,7 +1739,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.cert is None) != (args.cert_key is None):
         print("pushd sim: --cert and --cert-key go together", file=sys.stderr)
         return 2
-    trio.run(_run_cli, config_from_args(args), args.record)
+    trio.run(_run_cli, args)
     return 0
 
 

@@ -963,6 +963,8 @@ async def test_command_line_serves_and_records(nursery: trio.Nursery, tmp_path: 
             "7",
             "--record",
             str(record),
+            "--unregistered",
+            "0f" * 32,
         ],
         stdout=subprocess.PIPE,
     )
@@ -984,6 +986,8 @@ async def test_command_line_serves_and_records(nursery: trio.Nursery, tmp_path: 
         assert (await client.post(request_headers(jwt=jwt), b'{"aps":{}}')).status == 200
         await client.wait_for(lambda: client.max_streams == 7)
         assert (await client.post(request_headers("zz", jwt=jwt))).reason == "BadDeviceToken"
+        gone = await client.post(request_headers("0f" * 32, jwt=jwt))
+        assert gone.status == 410 and gone.json["timestamp"] > 1_700_000_000_000
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await process.wait() == 0
@@ -995,6 +999,7 @@ async def test_command_line_serves_and_records(nursery: trio.Nursery, tmp_path: 
     assert [(x["status"], x["reason"], x["token"]) for x in lines] == [
         (200, None, TOKEN),
         (400, "BadDeviceToken", "zz"),
+        (410, "Unregistered", "0f" * 32),
     ]
     assert lines[0]["body"] == '{"aps":{}}' and lines[0]["jwt_kid"] == KID
     assert lines[0]["headers"]["apns-topic"] == TOPIC
