@@ -874,6 +874,9 @@ async def test_no_alpn_client_accepted(start: Callable[..., Any]) -> None:
     assert isinstance(client.stream, trio.SSLStream)
     assert client.stream.selected_alpn_protocol() is None
     assert (await client.post(request_headers(jwt=env.jwt()))).status == 200
+    # aioapns's shape: no ALPN, and a host header instead of :authority
+    headers = [(k, v) for k, v in request_headers(jwt=env.jwt()) if k != ":authority"]
+    assert (await client.post([*headers, ("host", "api.push.apple.com")])).status == 200
 
 
 async def test_alpn_h2_negotiated(start: Callable[..., Any]) -> None:
