@@ -1047,7 +1047,7 @@ class Simulator:
         if apns_id is not None and not _UUID_RE.match(apns_id):
             raise _Rejected(400, "BadMessageId")
 
-        topic = self._authenticate(conn, stream, headers.get("apns-topic"))
+        topic = self._authenticate(conn, stream, headers.get("apns-topic") or None)
         if topic is None:
             raise _Rejected(400, "MissingTopic")
         if cfg.allowed_topics is not None and topic not in cfg.allowed_topics:
@@ -1260,6 +1260,9 @@ class _Connection:
                 SettingCodes.MAX_HEADER_LIST_SIZE: 8000,
             },
         )
+        # h2 applies an advertised header-list limit only once it is acknowledged; these
+        # initial settings are in force from the start, so apply it now.
+        self.h2.decoder.max_header_list_size = 8000
         self._streams: dict[int, _Stream] = {}
         self._pending_bodies: dict[int, bytes] = {}
         self._delayed: set[int] = set()  # streams whose answer waits in a task

@@ -1213,3 +1213,15 @@ async def test_strict_json_and_record_limit(start: Callable[..., Any]) -> None:
     assert env.sim.request_count == 7
     assert len(env.sim.requests) <= 4
     assert env.sim.requests[-1].stream_id == 13
+
+
+async def test_header_list_limit_and_empty_topic(start: Callable[..., Any]) -> None:
+    env = await start()
+    client = await env.client()
+    jwt = env.jwt()
+    assert (await client.post(request_headers(jwt=jwt, topic=""))).reason == "MissingTopic"
+    huge = request_headers(jwt=jwt, extra=[("x-padding", "p" * 9000)])
+    client.send(huge)
+    await client.flush()
+    await client.wait_for(lambda: client.closed.is_set())
+    assert client.goaway is not None and client.goaway.error_code != 0  # over MAX_HEADER_LIST_SIZE
