@@ -38,7 +38,7 @@ import msgpack
 import structlog
 import trio
 
-from actors.base import ActorContext
+from actors.base import ActorContext, receive_within
 from actors.central import Target, judge
 from actors.followup import FollowUp
 from actors.idcode import IdCode
@@ -92,8 +92,9 @@ class AnalyzerActor:
                 wait = self.ctx.heartbeat.interval
                 if due is not None:
                     wait = min(wait, due - now)
-                with trio.move_on_after(wait):
-                    message = await self.inbox.receive()
+                got, message = await receive_within(self.inbox, wait)
+                if got:
+                    assert message is not None
                     await self.handle(message)
 
     # -- inputs -----------------------------------------------------------------------

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
-__all__ = ["ActorContext", "Heartbeat"]
+__all__ = ["ActorContext", "Heartbeat", "receive_within"]
+
+T = TypeVar("T")
 
 
 class Heartbeat:
@@ -55,3 +58,14 @@ class ActorContext:
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+async def receive_within(channel: trio.MemoryReceiveChannel[T], seconds: float) -> tuple[bool, T | None]:
+    """Receive one message, or give up after ``seconds``: (True, message) or (False, None).
+
+    Only the wait is bounded. The caller handles the message outside any timeout, so
+    handling is never cut off half-way by the wait's deadline (a trio receive that is
+    cancelled loses nothing)."""
+    with trio.move_on_after(seconds):
+        return True, await channel.receive()
+    return False, None

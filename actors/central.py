@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 import trio
 
-from actors.base import ActorContext
+from actors.base import ActorContext, receive_within
 from actors.followup import FollowUp, FollowUpError
 from actors.idcode import IdCode
 from actors.live import LiveRef
@@ -192,8 +192,9 @@ class CentralActor:
             task_status.started()
             while not self.ctx.stopping.is_set():
                 self.ctx.heartbeat.beat()
-                with trio.move_on_after(self.ctx.heartbeat.interval):
-                    envelope = await self.inbox.receive()
+                got, envelope = await receive_within(self.inbox, self.ctx.heartbeat.interval)
+                if got:
+                    assert envelope is not None
                     await self._handle(envelope)
             nursery.cancel_scope.cancel()
 

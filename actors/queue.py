@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import trio
 
-from actors.base import ActorContext
+from actors.base import ActorContext, receive_within
 from actors.live import LiveRef
 from actors.messages import Enqueued
 from actors.queuestore import QueueStore
@@ -65,8 +65,9 @@ class QueueActor:
                     await self.sweep()
                     next_sweep = now + self.live.current.sweep_interval
                 wait = min(self.ctx.heartbeat.interval, max(0.0, next_sweep - now))
-                with trio.move_on_after(wait):
-                    note = await self.inbox.receive()
+                got, note = await receive_within(self.inbox, wait)
+                if got:
+                    assert note is not None
                     for shard in note.shards:
                         wake(self.wakes, shard)
 

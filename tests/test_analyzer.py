@@ -31,7 +31,7 @@ TOPIC = "com.example.app"
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.02)
+    return trio.testing.MockClock(autojump_threshold=0.05)
 
 
 def now() -> float:
