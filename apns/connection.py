@@ -118,7 +118,6 @@ class Request:
         "_offset",
         "_resp_headers",
         "_status",
-        "_stream_id",
         "body",
         "deadline",
         "detail",
@@ -126,6 +125,7 @@ class Request:
         "headers",
         "on_done",
         "result",
+        "stream_id",
     )
 
     def __init__(
@@ -142,8 +142,8 @@ class Request:
         self.result: Response | Failure | None = None
         self.detail = ""
         self.goaway_reason: str | None = None  # APNs reason of the GOAWAY that handed it back
+        self.stream_id = 0  # the HTTP/2 stream it went out on; 0 if it never left the queue
         self._offset = 0
-        self._stream_id = 0
         self._status = 0
         self._resp_headers: Headers = []
         self._chunks: list[bytes] = []
@@ -409,7 +409,7 @@ class Connection:
         stream_id = conn.get_next_available_stream_id()
         body = request.body
         conn.send_headers(stream_id, request.headers, end_stream=not body)
-        request._stream_id = stream_id
+        request.stream_id = stream_id
         self._active[stream_id] = request
         if body:
             self._send_body(stream_id, request)
@@ -451,7 +451,7 @@ class Connection:
             self.close(self.close_reason or "GOAWAY")
 
     def _expire(self, request: Request) -> None:
-        stream_id = request._stream_id
+        stream_id = request.stream_id
         if self._active.get(stream_id) is request:
             self._blocked.pop(stream_id, None)
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)

@@ -63,7 +63,8 @@ PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
 ENVIRONMENTS = {"production": PRODUCTION_HOST, "sandbox": SANDBOX_HOST}
 
-#: How often one request may be handed back unprocessed before it is returned as RETRY.
+#: How often one request may come back unprocessed from a stream (REFUSED_STREAM, above a
+#: GOAWAY's last stream id) before it is returned as RETRY.
 _MAX_HANDBACKS = 10
 
 
@@ -346,7 +347,8 @@ class Sender:
             self._refused(job, reason)
             return
         if failure is Failure.NOT_SENT and job.handbacks < _MAX_HANDBACKS:
-            job.handbacks += 1
+            if request.stream_id:  # refused or above last-stream-id; queued ones are free
+                job.handbacks += 1
             self._handbacks += 1
             self._resend_now(job)
             return

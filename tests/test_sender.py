@@ -220,6 +220,29 @@ async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
         assert stats["handbacks"] == 300 - 39
 
 
+async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
+    tls: TlsFiles, signing: tuple[SimKey, bytes]
+) -> None:
+    config = SimConfig(max_concurrent_streams=30)
+    async with running(tls, signing, config, connections=3) as (sim, sender):
+        sim.schedule_goaway(after_requests=37, every_connection=True, reason="Shutdown")
+        ids = [str(uuid.uuid4()) for _ in range(1000)]
+        outcomes: list[Any] = []
+
+        async def part(start: int) -> None:
+            for i in range(start, len(ids), 200):
+                outcomes.extend(await sender.send_many([(TOKEN, note(x)) for x in ids[i : i + 50]]))
+
+        async with trio.open_nursery() as nursery:
+            for start in range(0, 200, 50):
+                nursery.start_soon(part, start)
+        assert sorted(o.apns_id for o in outcomes) == sorted(ids)
+        assert all(o.klass is OutcomeClass.DELIVERED for o in outcomes)
+        delivered = Counter(r.apns_id for r in sim.requests if r.status == 200)
+        assert sorted(delivered) == sorted(ids) and set(delivered.values()) == {1}
+        assert sender.stats()["goaways"] >= 20
+
+
 class FreezableProxy:
     """A TCP forwarder on loopback; ``freeze()`` silently stops forwarding on the
     connections open at that moment (a half-dead path); later connections work."""
