@@ -220,7 +220,10 @@ class SimConfig:
     bad_device_token_weight: int = 5  # BadDeviceToken counts this much towards max_errors
 
     # latency and ordering
-    response_delay: float = 0.0
+    response_delay: float = 0.0  # seconds before each answer (a task per request while > 0)
+    # True: answers leave in another order than requests came: each delay is drawn from
+    # uniform(0, 2 * response_delay) (seeded), or without a delay the answers to one read
+    # are written in reverse.
     out_of_order: bool = False
 
     # recording
@@ -230,6 +233,9 @@ class SimConfig:
 
 @dataclass
 class RecordedRequest:
+    """One answered request.  Requests never answered (refused over the stream limit,
+    malformed, reset by the client, or above a GOAWAY's last-stream-id) are not recorded."""
+
     connection_id: int
     stream_id: int
     headers: dict[str, str]  # includes the pseudo-headers; a repeated header keeps its last value
