@@ -184,35 +184,29 @@ class SimConfig:
     keys: list[SimKey] = field(default_factory=list)
     require_auth: bool = True  # False: requests without credentials are accepted (benchmarks)
     jwt_max_age: float = 3600.0  # older iat -> ExpiredProviderToken
-    jwt_min_refresh: float = (
-        1200.0  # a new JWT sooner on one connection -> TooManyProviderTokenUpdates
-    )
-    jwt_wedge: float = (
-        0.0  # after TooManyProviderTokenUpdates reject the connection's requests this long
-    )
-    team_mismatch_reason: str = (
-        "UnrelatedKeyIdInToken"  # another team on a bound connection (UNCERTAIN)
-    )
-    key_topic_reason: str = (
-        "UnrelatedKeyIdInToken"  # topic outside a topic-specific key's set (UNCERTAIN)
-    )
-    wall_clock: Callable[[], float] = (
-        time.time
-    )  # for iat and 410 timestamps; intervals use trio's clock
+    # a new JWT sooner than this after the last one on a connection -> TooManyProviderTokenUpdates
+    jwt_min_refresh: float = 1200.0
+    # after TooManyProviderTokenUpdates, reject the connection's requests this long
+    jwt_wedge: float = 0.0
+    # another team's key on a connection bound to one team (UNCERTAIN; pushy says
+    # InvalidProviderToken)
+    team_mismatch_reason: str = "UnrelatedKeyIdInToken"
+    # a topic outside a topic-specific key's set (UNCERTAIN; pushy says InvalidProviderToken)
+    key_topic_reason: str = "UnrelatedKeyIdInToken"
+    # for JWT iat and 410 timestamps; intervals (refresh, rate limits) use trio's clock
+    wall_clock: Callable[[], float] = time.time
 
     # validation
     allowed_topics: set[str] | None = None  # None: any topic
     topic_disallowed_reason: str = "TopicDisallowed"  # or "BadTopic" (UNCERTAIN)
     background_priority10_reason: str | None = "BadPriority"  # None: accept (UNCERTAIN)
-    strict_json: bool = (
-        False  # reject a body that is not a JSON object (not proven Apple behaviour)
-    )
+    # reject a body that is not a JSON object with BadPayload (not proven Apple behaviour)
+    strict_json: bool = False
     unique_id: bool | None = None  # send apns-unique-id; None: in the development environment only
 
     # faults
-    error_rates: dict[int, float] = field(
-        default_factory=dict
-    )  # status (429/500/503) -> probability
+    # status (429, 500, 503) -> probability per request, drawn from Random(seed)
+    error_rates: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     token_rate_limit: tuple[int, float] | None = None  # (K, W): more than K per token in W s -> 429
     throttle_on_error: bool = False  # a 4xx (not 410) drops the stream limit to 1 until a 200
