@@ -1465,10 +1465,8 @@ class _Connection:
         if self.goaway_last is not None and stream_id > self.goaway_last:
             return  # after our GOAWAY: ignored, never processed
         # h2 has parsed the whole read before we see its events, so count open streams
-        # ourselves, as they were when this one arrived.
-        limit = self.h2.local_settings[
-            SettingCodes.MAX_CONCURRENT_STREAMS
-        ]  # the acknowledged value
+        # ourselves, as they were when this one arrived, against the acknowledged limit.
+        limit = self.h2.local_settings[SettingCodes.MAX_CONCURRENT_STREAMS]
         if len(self._active) >= limit:
             if self.sim.config.stream_violation == "refuse":
                 self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
