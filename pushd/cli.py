@@ -4,6 +4,7 @@ offline (``check-config``, ``sim``)."""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,9 @@ def _run(config: object) -> int:
     from pushd.daemon import Daemon
 
     assert isinstance(config, Config)
+    # One log line per event reaches journald (a pipe) at once, not when a buffer fills.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     logs.configure_logging(config.daemon.log_level, config.daemon.log_format)
     daemon = Daemon(config)
     try:
