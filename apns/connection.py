@@ -304,6 +304,7 @@ class Connection:
         finally:
             self._accepting = False
             self._closed = True
+            self.close_reason = self.close_reason or "cancelled"
             self._fail_all()
             with trio.move_on_after(1, shield=True):
                 await self._goodbye(stream)
