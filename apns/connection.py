@@ -553,6 +553,12 @@ class Connection:
             self.close(self.close_reason)
 
 
+def refuses_credentials(goaway_reason: str | None) -> bool:
+    """Whether a GOAWAY's APNs reason refuses the credentials (BadCertificateEnvironment...):
+    the requests it hands back are not to be re-sent."""
+    return goaway_reason is not None and REASONS.get(goaway_reason) is OutcomeClass.CREDENTIALS
+
+
 def _apns_reason(debug: str) -> str | None:
     """The ``reason`` of APNs's JSON GOAWAY debug data (``{"reason":"Shutdown"}``), if any."""
     try:
@@ -632,6 +638,7 @@ class ConnectionPool:
 
     async def wait_ready(self) -> None:
         """Return once a connection accepts requests, or the server refused the credentials."""
+        await trio.lowlevel.checkpoint()
         while not any(c.accepting for c in self._connections) and self.refusal is None:
             if self._ready.is_set():
                 self._ready = trio.Event()
@@ -661,7 +668,7 @@ class ConnectionPool:
                 self.stats.goaways += 1
             if conn.responses:
                 self.refusal = None
-            elif REASONS.get(conn.goaway_reason or "") is OutcomeClass.CREDENTIALS:
+            elif refuses_credentials(conn.goaway_reason):
                 self.refusal = conn.goaway_reason  # e.g. BadCertificateEnvironment
                 self._ready.set()
             if conn.close_reason:

@@ -43,8 +43,9 @@ from apns.connection import (
     Request,
     Response,
     backoff_delay,
+    refuses_credentials,
 )
-from apns.outcome import REASONS, Outcome, OutcomeClass
+from apns.outcome import Outcome, OutcomeClass
 from apns.payload import EncodedNotification, InvalidNotification, normalize_token, redact_token
 
 __all__ = [
@@ -342,9 +343,8 @@ class Sender:
             self._retry_or_finish(job, outcome)
             return
         failure = result if isinstance(result, Failure) else Failure.LOST
-        reason = request.goaway_reason
-        if reason is not None and REASONS.get(reason) is OutcomeClass.CREDENTIALS:
-            self._refused(job, reason)
+        if request.goaway_reason is not None and refuses_credentials(request.goaway_reason):
+            self._refused(job, request.goaway_reason)
             return
         if failure is Failure.NOT_SENT and job.handbacks < _MAX_HANDBACKS:
             if request.stream_id:  # refused or above last-stream-id; queued ones are free

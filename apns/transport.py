@@ -24,7 +24,15 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-from apns.connection import ConnectionPool, ConnectionSettings, Failure, Headers, Request, Response
+from apns.connection import (
+    ConnectionPool,
+    ConnectionSettings,
+    Failure,
+    Headers,
+    Request,
+    Response,
+    refuses_credentials,
+)
 
 __all__ = ["APNsTransport", "open_transport"]
 
@@ -64,6 +72,10 @@ class APNsTransport(httpx.AsyncBaseTransport):
             done = trio.Event()
             pending = Request(headers, body, trio.current_time() + read_timeout, _setter(done))
             while not self._pool.submit(pending):
+                if self._pool.refusal is not None:
+                    raise httpx.ConnectError(
+                        f"APNs refused the credentials: {self._pool.refusal}", request=request
+                    )
                 with trio.move_on_after(connect_timeout) as scope:
                     await self._pool.wait_ready()
                 if scope.cancelled_caught:
@@ -84,6 +96,10 @@ class APNsTransport(httpx.AsyncBaseTransport):
                 raise httpx.ReadTimeout(pending.detail, request=request)
             if result is Failure.LOST:
                 raise httpx.RemoteProtocolError(pending.detail, request=request)
+            if refuses_credentials(pending.goaway_reason):
+                raise httpx.ConnectError(
+                    f"APNs refused the credentials: {pending.goaway_reason}", request=request
+                )
             # Failure.NOT_SENT: never processed; send it again
         raise httpx.RemoteProtocolError("request refused by every connection", request=request)
 

@@ -20,7 +20,13 @@ from apns.connection import (
     Request,
     Response,
 )
-from apns.simulator import SimConfig, Simulator, TlsFiles, generate_tls
+from apns.simulator import (
+    SimConfig,
+    Simulator,
+    TlsFiles,
+    generate_client_certificate,
+    generate_tls,
+)
 from apns.transport import open_transport
 
 TOKEN = b"ab" * 32
@@ -256,3 +262,24 @@ def test_header_encoder_round_trips_while_the_table_changes() -> None:
     first, second = encoder.encode(steady), encoder.encode(steady)
     assert decoder.decode(first, raw=True) == decoder.decode(second, raw=True) == steady
     assert len(encoder._memo) == 3 and len(second) == 3  # one index byte each, from the memo
+
+
+async def test_transport_reports_refused_credentials(
+    tls: TlsFiles, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sim = Simulator(
+        SimConfig(cert_file=tls.cert_file, key_file=tls.key_file, client_ca_file=tls.ca_file)
+    )
+    cert, key = generate_client_certificate(
+        tls, tmp_path, "com.example.app", environments=("development",)
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(sim.serve)
+        ctx = make_ssl_context(ca_file=tls.ca_file, client_cert=cert, client_key=key)
+        async with (
+            open_transport("127.0.0.1", port, ctx) as transport,
+            httpx.AsyncClient(transport=transport) as client,
+        ):
+            with pytest.raises(httpx.ConnectError, match="BadCertificateEnvironment"):
+                await client.post(f"https://127.0.0.1:{port}/3/device/ab", content=b"{}")
+        nursery.cancel_scope.cancel()
