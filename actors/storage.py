@@ -217,6 +217,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX followups_device ON followups(device_id) WHERE state IN ('pending', 'waiting')",
         ),
     ),
+    Migration(
+        6,
+        "analyzer: the class a follow-up's device was sent the message for (re-checked on resend)",
+        (
+            "ALTER TABLE followups ADD COLUMN class_id TEXT",
+            "CREATE INDEX followups_waiting ON followups(updated_at) WHERE state = 'waiting'",
+        ),
+    ),
 )
 
 
