@@ -125,7 +125,10 @@ async def test_error_response_body_and_large_body_flow_control(tls: TlsFiles) ->
 
 
 async def test_goaway_answers_up_to_last_stream_and_hands_back_the_rest(tls: TlsFiles) -> None:
-    async with connected(tls, SimConfig(response_delay=1.0)) as (sim, conn):
+    async with connected(tls, SimConfig(response_delay=1.0, goaway_timing="immediate")) as (
+        sim,
+        conn,
+    ):
         waiter = Waiter()
         requests = [make_request(waiter) for _ in range(10)]
         for r in requests:

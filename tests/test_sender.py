@@ -204,7 +204,7 @@ async def test_stream_limit_rises_from_one_then_follows_settings(
 async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
     tls: TlsFiles, signing: tuple[SimKey, bytes]
 ) -> None:
-    async with running(tls, signing) as (sim, sender):
+    async with running(tls, signing, SimConfig(goaway_timing="immediate")) as (sim, sender):
         assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
         sim.schedule_goaway(after_requests=40, reason="Shutdown")  # 39 more on this connection
         ids = [str(uuid.uuid4()) for _ in range(300)]
@@ -223,7 +223,7 @@ async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
 async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
     tls: TlsFiles, signing: tuple[SimKey, bytes]
 ) -> None:
-    config = SimConfig(max_concurrent_streams=30)
+    config = SimConfig(max_concurrent_streams=30, goaway_timing="immediate")
     async with running(tls, signing, config, connections=3) as (sim, sender):
         sim.schedule_goaway(after_requests=37, every_connection=True, reason="Shutdown")
         ids = [str(uuid.uuid4()) for _ in range(1000)]
