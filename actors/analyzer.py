@@ -29,9 +29,11 @@ waiting for its delivery), ``handled``, ``gave_up``, ``stopped`` (with a reason)
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -52,6 +54,55 @@ log = structlog.get_logger("actors.analyzer")
 
 AnalyzerInput = Delivered | AppEvent | RegistryChanged
 FIRE_BATCH = 200
+RECONCILE_INTERVAL = 300.0  # seconds between sweeps for follow-ups stuck in 'waiting'
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A final outcome of one (message, device), as the node records it."""
+
+    message: MessageRow
+    device_id: str
+    user_id: str
+    class_id: str
+    outcome: str  # "delivered", "token_dead", "skipped", ...
+    reason: str | None
+    at: float
+
+
+def record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> None:
+    """Create or advance the follow-ups of delivered messages, inside the caller's
+    transaction. The node calls this *before* it acks the items: a crash in between
+    leaves the items leased (sent again after restart) and this write idempotent, so a
+    delivered notification with a follow-up never goes without its follow-up row."""
+    for o in outcomes:
+        meta = o.message.meta
+        if "follow_up" not in meta:
+            continue
+        root_id = meta.get("root_id", o.message.message_id)
+        spec = FollowUp.parse(meta["follow_up"])
+        if root_id == o.message.message_id:
+            if o.outcome == "delivered":
+                conn.execute(
+                    """INSERT INTO followups (root_id, device_id, user_id, class_id, state, delivered_at,
+                           last_delivered_at, due_at, updated_at)
+                       VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)
+                       ON CONFLICT (root_id, device_id) DO NOTHING""",
+                    (root_id, o.device_id, o.user_id, o.class_id, o.at, o.at, o.at + spec.deadline, now),
+                )
+        elif o.outcome == "delivered":
+            conn.execute(
+                """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?, updated_at = ?
+                   WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
+                (o.at, o.at + spec.spacing, now, root_id, o.device_id),
+            )
+        else:
+            # The re-push was not delivered: a dead token, a withdrawn permission...
+            conn.execute(
+                """UPDATE followups SET state = 'stopped', reason = ?, due_at = NULL, updated_at = ?
+                   WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
+                (f"repush_{o.outcome}:{o.reason}", now, root_id, o.device_id),
+            )
 
 
 class AnalyzerActor:
@@ -75,27 +126,69 @@ class AnalyzerActor:
         self.queue_notes = queue_notes
         self.clock = clock
         self._messages: OrderedDict[str, MessageRow | None] = OrderedDict()
+        self.delivered = 0
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.inbox)
             if self.queue_notes is not None:
                 await stack.enter_async_context(self.queue_notes)
+            await self.reconcile(self.clock())
             task_status.started()
+            next_reconcile = self.clock() + RECONCILE_INTERVAL
             while not self.ctx.stopping.is_set():
                 self.ctx.heartbeat.beat()
-                due = await self.next_due()
                 now = self.clock()
+                if now >= next_reconcile:
+                    await self.reconcile(now)
+                    next_reconcile = now + RECONCILE_INTERVAL
+                due = await self.next_due()
                 if due is not None and due <= now:
                     await self.fire_due(now)
+                    await self._drain_inbox()  # a long backlog of deadlines must not starve the inbox
                     continue
-                wait = self.ctx.heartbeat.interval
+                wait = min(self.ctx.heartbeat.interval, next_reconcile - now)
                 if due is not None:
                     wait = min(wait, due - now)
                 got, message = await receive_within(self.inbox, wait)
                 if got:
                     assert message is not None
                     await self.handle(message)
+
+    async def _drain_inbox(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                message = self.inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            await self.handle(message)
+
+    async def reconcile(self, now: float) -> int:
+        """Close or resume follow-ups stuck in ``waiting`` whose re-push item is final:
+        delivered (its record was lost) -> pending again; expired, dead, failed or
+        skipped -> stopped with that reason. Returns how many rows changed."""
+        rows = await self.store.fetchall(
+            """SELECT f.root_id, f.device_id, i.state, i.reason, i.updated_at, m.meta
+               FROM followups f
+               JOIN items i ON i.message_id = f.root_id || '.r' || f.repushes AND i.device_id = f.device_id
+               JOIN messages m ON m.message_id = f.root_id
+               WHERE f.state = 'waiting' AND i.state NOT IN ('queued', 'leased')"""
+        )
+        changed = 0
+        for root_id, device_id, state, reason, updated_at, meta in rows:
+            if state == "sent":
+                spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+                changed += await self.store.execute(
+                    """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
+                           updated_at = ? WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
+                    (updated_at, updated_at + spec.spacing, now, root_id, device_id),
+                )
+            else:
+                await self._stop(root_id, device_id, f"repush_{state}:{reason}")
+                changed += 1
+        if changed:
+            log.info("follow-ups reconciled", changed=changed)
+        return changed
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -124,30 +217,9 @@ class AnalyzerActor:
         return root, FollowUp.parse(root.meta["follow_up"])
 
     async def on_delivered(self, d: Delivered) -> None:
-        message = await self._message(d.message_id)
-        if message is None or "follow_up" not in message.meta:
-            return
-        root_id = message.meta.get("root_id", message.message_id)
-        repush = root_id != message.message_id
-        spec = FollowUp.parse(message.meta["follow_up"])
-        if d.outcome == "delivered":
-            if repush:
-                await self.store.execute(
-                    """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
-                           updated_at = ? WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
-                    (d.at, d.at + spec.spacing, self.clock(), root_id, d.device_id),
-                )
-            else:
-                await self.store.execute(
-                    """INSERT INTO followups (root_id, device_id, user_id, state, delivered_at,
-                           last_delivered_at, due_at, updated_at)
-                       VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)
-                       ON CONFLICT (root_id, device_id) DO NOTHING""",
-                    (root_id, d.device_id, d.user_id, d.at, d.at, d.at + spec.deadline, self.clock()),
-                )
-        elif repush:
-            # The re-push was not delivered: a dead token, a withdrawn permission...
-            await self._stop(root_id, d.device_id, f"repush_{d.outcome}:{d.reason}")
+        """Delivery records are informational here: the node has already written the
+        follow-up state durably (``record_outcomes``); ``reconcile`` repairs the rest."""
+        self.delivered += d.outcome == "delivered"
 
     async def on_event(self, e: AppEvent) -> None:
         rows = await self.store.fetchall(
@@ -244,12 +316,12 @@ class AnalyzerActor:
 
     async def fire_due(self, now: float) -> int:
         rows = await self.store.fetchall(
-            """SELECT root_id, device_id, user_id, delivered_at, repushes FROM followups
+            """SELECT root_id, device_id, user_id, delivered_at, repushes, class_id FROM followups
                WHERE state = 'pending' AND due_at <= ? ORDER BY due_at LIMIT ?""",
             (now, FIRE_BATCH),
         )
-        repushes: dict[tuple[str, int], list[DeviceRecord]] = {}
-        for root_id, device_id, user_id, delivered_at, count in rows:
+        repushes: dict[tuple[str, int], list[tuple[DeviceRecord, str | None]]] = {}
+        for root_id, device_id, user_id, delivered_at, count, sent_class in rows:
             self.ctx.heartbeat.beat()
             found = await self._spec(root_id)
             if found is None:
@@ -276,23 +348,29 @@ class AnalyzerActor:
             if not record.active:
                 await self._stop(root_id, device_id, "token_dead")
                 continue
-            reason = self._disqualified(root, spec, record)
+            reason = self._disqualified(root, spec, record, sent_class)
             if reason is not None:
                 await self._stop(root_id, device_id, reason)
                 continue
-            repushes.setdefault((root_id, count + 1), []).append(record)
+            repushes.setdefault((root_id, count + 1), []).append((record, sent_class))
         for (root_id, n), records in repushes.items():
             found = await self._spec(root_id)
             assert found is not None
             await self._repush(found[0], found[1], n, records, now)
         return len(rows)
 
-    def _disqualified(self, root: MessageRow, spec: FollowUp, record: DeviceRecord) -> str | None:
+    def _disqualified(
+        self, root: MessageRow, spec: FollowUp, record: DeviceRecord, sent_class: str | None
+    ) -> str | None:
         live = self.live.current
         category = root.meta.get("category")
         if spec.strategy == "resend":
             if not record.permissions.permits(root.push_type, category):
                 return "permission_withdrawn"
+            # The node re-checks the class too; stopping here keeps the follow-up honest.
+            rule = live.classifier.rule(sent_class) if sent_class and sent_class != "unclassified" else None
+            if sent_class and sent_class != "unclassified" and (rule is None or not rule.matches(record.fields())):
+                return "class_changed"
             return None
         target = Target.parse(root.target, set(root.target.get("classes", [])))
         if target.devices is not None and record.device_id not in target.devices:
@@ -311,7 +389,11 @@ class AnalyzerActor:
             return f"no_longer_qualifies:{verdict.reason}"
         return None
 
-    async def _repush(self, root: MessageRow, spec: FollowUp, n: int, records: list[DeviceRecord], now: float) -> None:
+    async def _repush(
+        self, root: MessageRow, spec: FollowUp, n: int, targets: list[tuple[DeviceRecord, str | None]], now: float
+    ) -> None:
+        records = [record for record, _ in targets]
+        sent_classes = {record.device_id: c for record, c in targets}
         live = self.live.current
         child_id = f"{root.message_id}.r{n}"
         notification = dict(spec.reminder) if spec.reminder is not None else dict(root.notification)
@@ -345,7 +427,7 @@ class AnalyzerActor:
             class_id = (
                 live.classifier.classify(record.fields()) or "unclassified"
                 if spec.strategy == "regenerate"
-                else "unclassified"
+                else sent_classes.get(record.device_id) or "unclassified"
             )
             if spec.strategy == "regenerate" and root.target.get("classes"):
                 # keep the class the device qualified by, so the node re-checks that rule

@@ -30,6 +30,8 @@ from typing import Any
 import structlog
 import trio
 
+from actors.analyzer import Outcome as FollowUpOutcome
+from actors.analyzer import record_outcomes
 from actors.base import ActorContext
 from actors.idcode import InvalidCode
 from actors.live import Live, LiveRef
@@ -47,6 +49,14 @@ log = structlog.get_logger("actors.node")
 class Refusal:
     state: str  # "skipped" (may not be sent now) or "dead" (must never be sent)
     reason: str
+
+
+def class_of(item: LeasedItem, live: Live) -> str:
+    """The class id sealed in the item's code ("" when the code does not open)."""
+    try:
+        return live.codes.open(item.idcode).class_id
+    except InvalidCode:
+        return ""
 
 
 def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal | None:
@@ -177,9 +187,23 @@ class NodeActor:
         batch: list[tuple[LeasedItem, DeviceRecord, EncodedNotification]] = []
         now = time.time()
 
+        followups: list[FollowUpOutcome] = []
+
         def final(item: LeasedItem, state: str, outcome: str, reason: str | None, apns_id: str | None) -> None:
             results.append(ItemResult(item.item_id, state, outcome=outcome, reason=reason, apns_id=apns_id))  # type: ignore[arg-type]
             record = records.get(item.device_id)
+            if "follow_up" in item.message.meta:
+                followups.append(
+                    FollowUpOutcome(
+                        message=item.message,
+                        device_id=item.device_id,
+                        user_id=record.user_id if record else "",
+                        class_id=class_of(item, live),
+                        outcome=outcome,
+                        reason=reason,
+                        at=now,
+                    )
+                )
             delivered.append(
                 Delivered(
                     message_id=item.message_id,
@@ -216,6 +240,9 @@ class NodeActor:
                 if outcome.klass is OutcomeClass.TOKEN_DEAD:
                     at_ms = outcome.timestamp_ms or int(now * 1000)
                     await self.registry.retire_token(record.token, at_ms)
+        if followups:
+            # Follow-ups first, then the ack: see actors.analyzer.record_outcomes.
+            await self.queue.store.transaction(lambda conn: record_outcomes(conn, followups, now))
         if results:
             await self.queue.ack(results, now=now)
         for delay, pairs in retries.items():
@@ -224,8 +251,13 @@ class NodeActor:
                 by_reason.setdefault(reason, []).append(item_id)
             for reason, ids in by_reason.items():
                 await self.queue.retry(ids, not_before=now + delay, reason=reason, now=now)
+        # Delivery records are informational for the analyzer (its state is already
+        # durable): never block sending on a busy analyzer.
         for d in delivered:
-            await self.deliveries.send(d)
+            try:
+                self.deliveries.send_nowait(d)
+            except trio.WouldBlock:
+                self.counters["delivery_records_dropped"] += 1
 
     def _record(
         self,

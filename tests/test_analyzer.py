@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors.analyzer import AnalyzerActor, followup_summary
+from actors.analyzer import AnalyzerActor, Outcome, followup_summary, record_outcomes
 from actors.base import ActorContext, Heartbeat
 from actors.idcode import CodeKeys
 from actors.live import Live, LiveRef
@@ -92,8 +92,16 @@ class World:
         )
         return message_id
 
-    async def deliver(self, message_id: str, device_id: str, user_id: str, outcome: str = "delivered") -> None:
-        await self.inbox.send(Delivered(message_id, device_id, user_id, outcome, None, "apns-id", now()))
+    async def deliver(
+        self, message_id: str, device_id: str, user_id: str, outcome: str = "delivered", class_id: str = "everyone"
+    ) -> None:
+        """What a node does with a final outcome: the durable follow-up write, then the record."""
+        message = await self.queue.get_message(message_id)
+        assert message is not None
+        at = now()
+        entry = Outcome(message, device_id, user_id, class_id, outcome, None, at)
+        await self.store.transaction(lambda conn: record_outcomes(conn, [entry], at))
+        await self.inbox.send(Delivered(message_id, device_id, user_id, outcome, None, "apns-id", at))
 
     async def report(self, user_id: str, name: str, **attributes: Any) -> None:
         await self.store.execute(
@@ -292,3 +300,31 @@ async def test_one_timer_not_a_task_per_follow_up(tmp_path: Path, clock: trio.te
         assert tasks_before == tasks_after
         await trio.sleep(700)
         assert sum([len(await w.repushes(r)) for r in roots]) == 50
+
+
+async def test_a_repush_that_expired_in_the_queue_closes_its_follow_up(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        assert list(await w.repushes(root)) == [f"{root}.r1"]
+        # The re-push never reaches a node (it expired in the queue): no delivery record.
+        await w.store.execute("UPDATE items SET state = 'expired', reason = 'Expired' WHERE message_id = ?", (f"{root}.r1",))
+        await trio.sleep(400)  # the next reconcile sweep
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["reason"]) == ("stopped", "repush_expired:Expired")
+
+
+async def test_resend_stops_when_the_device_left_its_class(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1", app_version="1.0.0")
+        root = await w.push(FOLLOW, target={"classes": ["needs-update"]})
+        await w.deliver(root, "d1", "u1", class_id="needs-update")
+        await w.register("d1", "u1", app_version="2.5.0")  # updated: the "please update" matter is moot
+        await trio.sleep(700)
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["reason"]) == ("stopped", "class_changed")
+        assert await w.repushes(root) == {}
