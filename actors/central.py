@@ -46,6 +46,13 @@ UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches
 FANOUT_ATTEMPTS = 3  # a fan-out failing this often is given up (recorded), not retried forever
 
 
+class Failed(RuntimeError):
+    """A push that could not be accepted for a reason of pushd's own (not the input)."""
+
+
+MAX_TTL = 30 * 86_400  # APNs stores a notification for at most 30 days
+
+
 class Rejected(ValueError):
     """A push refused as a whole; ``field`` names the offending argument."""
 
@@ -201,18 +208,35 @@ class CentralActor:
     # -- acceptance -------------------------------------------------------------------
 
     async def _handle(self, envelope: Envelope) -> None:
+        """Answer every request exactly once — accepted, rejected or failed — and never
+        let one bad request take central down."""
         msg = envelope.message
         if not isinstance(msg, SubmitPush):
             await envelope.answer(Rejected("op", f"central does not handle {msg.kind}"))
             return
         try:
-            accepted = await self.accept(msg)
+            accepted, small = await self.accept(msg)
         except Rejected as exc:
             await envelope.answer(exc)
             return
+        except Exception as exc:
+            log.exception("push could not be accepted")
+            await envelope.answer(Failed(f"{type(exc).__name__}: {exc}"))
+            return
+        # The message is durable: say so before the fan-out, which can only add to it.
         await envelope.answer(accepted)
+        if small:
+            try:
+                await self.fan_out(accepted.message_id)
+            except Exception:
+                log.exception("inline fan-out failed; retrying in the background", message_id=accepted.message_id)
+                self._schedule(accepted.message_id)
+        else:
+            self._schedule(accepted.message_id)
 
-    async def accept(self, msg: SubmitPush) -> PushAccepted:
+    async def accept(self, msg: SubmitPush) -> tuple[PushAccepted, bool]:
+        """Validate and store a push (one transaction). Returns the reply and whether its
+        target is small enough to fan out at once."""
         row, target = self._validate(msg)
         targeted = await self._count(target, row.notification["topic"])
         row = MessageRow(
@@ -235,11 +259,7 @@ class CentralActor:
             priority=row.priority,
             target=next(iter(row.target)),
         )
-        if target.small:
-            await self.fan_out(row.message_id)
-        else:
-            self._schedule(row.message_id)
-        return PushAccepted(message_id=row.message_id, targeted=targeted)
+        return PushAccepted(message_id=row.message_id, targeted=targeted), target.small
 
     def _validate(self, msg: SubmitPush) -> tuple[MessageRow, Target]:
         live = self.live.current
@@ -258,10 +278,12 @@ class CentralActor:
         if msg.expiration is not None:
             if msg.expiration <= now:
                 raise Rejected("expiration", "is in the past")
+            if msg.expiration > now + MAX_TTL:
+                raise Rejected("expiration", "is more than 30 days ahead (APNs stores at most 30 days)")
             expiration = float(msg.expiration)
         elif msg.ttl is not None:
-            if not msg.ttl > 0:
-                raise Rejected("ttl", "must be positive")
+            if not 0 < msg.ttl <= MAX_TTL:
+                raise Rejected("ttl", f"must be more than 0 and at most {MAX_TTL} seconds (30 days)")
             expiration = now + msg.ttl
         else:
             expiration = now + live.default_ttl

@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from actors.analyzer import followup_summary
-from actors.central import Rejected
+from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import UnknownMessage
 from actors.registry import Consent, InvalidField, Permissions, Registration
@@ -252,14 +252,22 @@ class Ops:
         )
         reply_send, reply_recv = trio.open_memory_channel[Any](1)
         async with reply_recv:
-            with trio.fail_after(PUSH_TIMEOUT):
-                await self.p.central_send.send(Envelope(request, reply_send))
-                try:
+            try:
+                with trio.fail_after(PUSH_TIMEOUT):
+                    await self.p.central_send.send(Envelope(request, reply_send))
                     answer = await reply_recv.receive()
-                except trio.EndOfChannel:
-                    raise OpError(ErrorCode.UNAVAILABLE, "central restarted; push not accepted") from None
+            except trio.TooSlowError:
+                raise OpError(
+                    ErrorCode.UNAVAILABLE,
+                    f"central did not answer within {PUSH_TIMEOUT:g}s (restarting or overloaded); "
+                    "the push may not have been accepted",
+                ) from None
+            except trio.EndOfChannel:
+                raise OpError(ErrorCode.UNAVAILABLE, "central stopped; push not accepted") from None
         if isinstance(answer, Rejected):
             raise _invalid(answer.field, answer.message)
+        if isinstance(answer, Failed):
+            raise OpError(ErrorCode.INTERNAL, f"push not accepted: {answer}")
         assert isinstance(answer, PushAccepted)
         return {"message_id": answer.message_id, "targeted": answer.targeted}
 

@@ -60,6 +60,8 @@ async def test_invalid_input_names_the_field_and_stores_nothing(short_tmp: Path)
             ({"notification": {"aps": {"alert": 5}, "topic": "com.example.app"}, "target": {"all": True}}, "notification.aps.alert"),
             ({"notification": alert(), "target": {"filter": {"field": "device.os_version", "semver_lt": 17}}}, "target.filter.semver_lt"),
             ({"notification": alert(), "target": {"all": True}, "colour": "red"}, "colour"),
+            ({"notification": alert(), "target": {"all": True}, "ttl": 1e30}, "ttl"),
+            ({"notification": alert(), "target": {"all": True}, "expiration": 2**62}, "expiration"),
         ]
         for args, field in cases:
             with pytest.raises(RequestFailed) as info:
