@@ -216,6 +216,7 @@ class Config(BaseModel):
 # Settings whose change a reload reports but cannot apply without a restart.
 RESTART_REQUIRED: tuple[str, ...] = (
     "daemon.state_dir",
+    "daemon.log_format",
     "storage.path",
     "control.socket",
     "control.mode",

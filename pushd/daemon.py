@@ -69,6 +69,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._pipeline: Any = None  # pushd.pipeline.Pipeline, built in run()
         self._reload_lock = trio.Lock()
+        self._control: ControlServer | None = None
 
     # -- public ---------------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class Daemon:
                     max_frame=cfg.control.max_frame,
                     max_connections=cfg.control.max_connections,
                 )
+                self._control = control
                 await nursery.start(control.run)  # refuses a live socket before any actor runs
                 await self._pipeline.start(nursery, self.supervisor)
                 nursery.start_soon(self._watchdog)
@@ -175,7 +177,9 @@ class Daemon:
         await drain(self.supervisor, timeout)
 
     async def _watchdog(self) -> None:
-        await watchdog_loop(self.supervisor, self.notifier, self.config.supervisor.heartbeat_timeout, self.status_line)
+        await watchdog_loop(
+            self.supervisor, self.notifier, lambda: self.config.supervisor.heartbeat_timeout, self.status_line
+        )
 
     # -- reload ---------------------------------------------------------------------
 
@@ -196,11 +200,30 @@ class Daemon:
                     "problems": [{"key": p.key, "message": p.message} for p in exc.problems],
                 }
             effective, applied, restart = merge_for_reload(self.config, new)
+            live = None
+            if self._pipeline is not None:
+                try:
+                    live = self._pipeline.prepare(effective)
+                except (ValueError, OSError) as exc:
+                    self.notifier.ready(self.status_line())
+                    text = str(exc)
+                    key = text.split(":", 1)[0] if ":" in text and " " not in text.split(":", 1)[0] else "(apply)"
+                    return {
+                        "ok": False,
+                        "file": str(source),
+                        "problems": [{"key": key, "message": text}],
+                    }
             self.config = effective
             logs.set_level(effective.daemon.log_level)
-            self.supervisor.policy = restart_policy(new)
-            if self._pipeline is not None and self._nursery is not None:
-                await self._pipeline.apply(effective, self._nursery, self.supervisor)
+            self.supervisor.policy = restart_policy(effective)
+            if self._control is not None:
+                c = effective.control
+                self._control.allowed_uids = frozenset(c.allowed_uids) | {os.getuid()}
+                self._control.allowed_gids = frozenset(c.allowed_gids)
+                self._control.max_frame = c.max_frame
+                self._control.max_connections = c.max_connections
+            if self._pipeline is not None and self._nursery is not None and live is not None:
+                await self._pipeline.apply(effective, live, self._nursery, self.supervisor)
             self.reloads += 1
             log.info("config reloaded", changed=applied, restart_required=restart)
             self.notifier.ready(self.status_line())
@@ -288,16 +311,18 @@ async def drain(supervisor: Supervisor, grace_period: float) -> list[str]:
 async def watchdog_loop(
     supervisor: Supervisor,
     notifier: Notifier,
-    heartbeat_timeout: float,
+    heartbeat_timeout: float | Callable[[], float],
     status: Callable[[], str] = lambda: "running",
 ) -> None:
     """Send WATCHDOG=1 (and STATUS=) only while every running actor's heartbeat is
-    fresh: a wedged actor stops the pings, so systemd restarts the process."""
+    fresh: a wedged actor stops the pings, so systemd restarts the process.
+    ``heartbeat_timeout`` may be a function (re-read every round: reload changes it)."""
     period = notifier.watchdog_interval()
-    interval = min(period or 5.0, 5.0, heartbeat_timeout / 2)
     was_stale: list[str] = []
     while True:
-        stale = supervisor.stale(heartbeat_timeout)
+        timeout = heartbeat_timeout() if callable(heartbeat_timeout) else heartbeat_timeout
+        interval = min(period or 5.0, 5.0, timeout / 2)
+        stale = supervisor.stale(timeout)
         if stale:
             if stale != was_stale:
                 log.error("actors wedged; withholding watchdog pings", actors=stale)

@@ -197,17 +197,29 @@ class Pipeline:
             del supervisor.actors[name]
         # Work queued for shards that no node owns any more moves at the next sweep.
 
-    async def apply(self, config: Config, nursery: trio.Nursery, supervisor: Supervisor) -> None:
+    def prepare(self, config: Config) -> Live:
+        """Build (and so check) everything a reload would put in force, without applying
+        it: code keys (files created if missing), rules, and the APNs credentials (the
+        key or certificate is loaded). Raises ValueError/OSError naming the problem."""
+        if (config.apns.environment == "simulator") != (self.config.apns.environment == "simulator"):
+            raise ValueError("apns.environment: switching to or from the simulator needs a restart")
+        generation = self.apns_generation + (config.apns != self.config.apns)
+        live = build_live(config, sender_config=self._sender_factory(config), generation=generation)
+        if config.apns != self.config.apns:
+            assert live.sender_config is not None
+            live.sender_config()  # loads the key / certificate now, not in every node later
+        return live
+
+    async def apply(self, config: Config, live: Live, nursery: trio.Nursery, supervisor: Supervisor) -> None:
         old = self.config
         self.config = config
-        if config.apns != old.apns:
-            self.apns_generation += 1
+        self.apns_generation = live.apns_generation
+        self.queue.aging_seconds = config.queue.aging_seconds
+        self.queue.max_attempts = config.queue.max_attempts
         # Shrink: nodes first (so the sweep re-shards for the new count); grow: settings first.
         if config.nodes.count < old.nodes.count:
             await self._scale_nodes(nursery, supervisor, config.nodes.count)
-        self.live.current = build_live(
-            config, sender_config=self._sender_factory(config), generation=self.apns_generation
-        )
+        self.live.current = live
         if config.nodes.count > old.nodes.count:
             await self._scale_nodes(nursery, supervisor, config.nodes.count)
         log.info("pipeline settings applied", nodes=config.nodes.count, apns_generation=self.apns_generation)

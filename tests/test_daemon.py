@@ -158,3 +158,22 @@ async def test_reload_replaces_rules_and_code_keys_live(short_tmp: Path) -> None
         assert isinstance(classes, dict) and [c["id"] for c in classes["classes"]] == ["beta"]
         assert daemon.pipeline.live.current.codes.current == "k2"
         assert (short_tmp / "state" / "codes-k2.key").exists()
+
+
+async def test_reload_that_cannot_be_applied_is_refused_and_the_daemon_keeps_running(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp)
+    ctl = short_tmp / "ctl.sock"
+    async with running(cfg) as daemon:
+        bad_configs = [
+            '[codes]\ncurrent = "k2"\nkeys = { k2 = "hex:abcd" }\n',  # a secret far too short
+            '[apns]\nenvironment = "sandbox"\nkey_file = "missing.p8"\nkey_id = "ABCDEFGHIJ"\nteam_id = "ABCDEFGHIJ"\n',
+        ]
+        for extra in bad_configs:
+            write_config(short_tmp, extra=extra)
+            with pytest.raises(RequestFailed) as info:
+                await call(ctl, "reload")
+            assert info.value.code == "invalid_argument", info.value.message
+        assert daemon.config.apns.environment == "simulator"
+        assert {a["state"] for a in daemon.supervisor.describe()} == {"running"}
+        write_config(short_tmp, nodes=3)
+        assert (await call(ctl, "reload"))["changed"] == ["nodes.count"]  # type: ignore[index]
