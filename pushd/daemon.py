@@ -94,36 +94,13 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         lock = acquire_instance_lock(cfg.state_dir / "pushd.lock")
         try:
-            async with Pipeline.open(cfg) as pipeline, trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._pipeline = pipeline
-                control = ControlServer(
-                    cfg.socket_path,
-                    self.handlers(),
-                    mode=cfg.control.mode,
-                    group=cfg.control.group or None,
-                    allowed_uids=cfg.control.allowed_uids,
-                    allowed_gids=cfg.control.allowed_gids,
-                    max_frame=cfg.control.max_frame,
-                    max_connections=cfg.control.max_connections,
-                )
-                self._control = control
-                await nursery.start(control.run)  # refuses a live socket before any actor runs
-                await self._pipeline.start(nursery, self.supervisor)
-                nursery.start_soon(self._watchdog)
-                self._ready.set()
-                self.notifier.ready(self.status_line())
-                log.info(
-                    "pushd ready",
-                    socket=str(cfg.socket_path),
-                    database=str(cfg.database_path),
-                    nodes=cfg.nodes.count,
-                    apns=cfg.apns.environment,
-                )
-                task_status.started(self)
-                await self._serve_signals_until_stop(nursery)
-                await self._drain(nursery)
-                nursery.cancel_scope.cancel()
+            # Signals are ours from the first moment to the last: a SIGHUP during start-up
+            # or drain must not fall back to the default action (terminate).
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with Pipeline.open(cfg) as pipeline, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._handle_signals, signals, nursery)
+                    await self._serve(pipeline, nursery, task_status)
+                    nursery.cancel_scope.cancel()
         except* ActorEscalation as group:
             escalated.extend(e for e in group.exceptions if isinstance(e, ActorEscalation))
         except* SocketInUse as group:
@@ -140,34 +117,62 @@ class Daemon:
         log.info("pushd stopped")
         return EXIT_OK
 
+    async def _serve(self, pipeline: Any, nursery: trio.Nursery, task_status: trio.TaskStatus[Daemon]) -> None:
+        """Start everything, report ready, serve until asked to stop, then drain."""
+        cfg = self.config
+        self._nursery = nursery
+        self._pipeline = pipeline
+        control = ControlServer(
+            cfg.socket_path,
+            self.handlers(),
+            mode=cfg.control.mode,
+            group=cfg.control.group or None,
+            allowed_uids=cfg.control.allowed_uids,
+            allowed_gids=cfg.control.allowed_gids,
+            max_frame=cfg.control.max_frame,
+            max_connections=cfg.control.max_connections,
+        )
+        self._control = control
+        await nursery.start(control.run)  # refuses a live socket before any actor runs
+        await pipeline.start(nursery, self.supervisor)
+        nursery.start_soon(self._watchdog)
+        self._ready.set()
+        self.notifier.ready(self.status_line())
+        log.info(
+            "pushd ready",
+            socket=str(cfg.socket_path),
+            database=str(cfg.database_path),
+            nodes=cfg.nodes.count,
+            apns=cfg.apns.environment,
+        )
+        task_status.started(self)
+        await self._stop_requested.wait()
+        await self._drain(nursery)
+
     # -- signals, drain, watchdog ---------------------------------------------------
 
-    async def _serve_signals_until_stop(self, nursery: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as inner:
-
-                async def stop_on_request() -> None:
-                    await self._stop_requested.wait()
-                    inner.cancel_scope.cancel()
-
-                inner.start_soon(stop_on_request)
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        result = await self.reload()
-                        if not result["ok"]:
-                            log.error("reload rejected; old config kept", problems=result["problems"])
-                        continue
-                    log.info("signal received; draining", signal=signal.Signals(signum).name)
-                    nursery.start_soon(self._second_signal, signals, nursery)
-                    inner.cancel_scope.cancel()
-                    break
-
-    async def _second_signal(self, signals: Any, nursery: trio.Nursery) -> None:
+    async def _handle_signals(self, signals: Any, nursery: trio.Nursery) -> None:
+        """SIGHUP: reload (ignored while starting or draining). SIGTERM/SIGINT: drain;
+        a second one cancels everything at once."""
         async for signum in signals:
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                log.warning("second signal; exiting at once")
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if not self._ready.is_set() or self.draining:
+                    log.warning("SIGHUP ignored", reason="draining" if self.draining else "starting")
+                    continue
+                nursery.start_soon(self._reload_on_signal)
+            elif not self._stop_requested.is_set():
+                log.info("signal received; draining", signal=name)
+                self._stop_requested.set()
+            else:
+                log.warning("second signal; exiting at once", signal=name)
                 nursery.cancel_scope.cancel()
                 return
+
+    async def _reload_on_signal(self) -> None:
+        result = await self.reload()
+        if not result["ok"]:
+            log.error("reload rejected; old config kept", problems=result["problems"])
 
     async def _drain(self, nursery: trio.Nursery) -> None:
         """Stop taking new work, let in-flight work finish within shutdown_timeout."""

@@ -95,3 +95,25 @@ def test_run_control_reload_and_stop(short_tmp: Path) -> None:
             proc.kill()
             proc.wait()
         notify.close()
+
+
+def test_signals_during_drain_never_kill_the_process(short_tmp: Path) -> None:
+    cfg = short_tmp / "pushd.toml"
+    cfg.write_text(CONFIG.format(nodes=2))
+    sock = short_tmp / "ctl.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pushd.cli", "run", "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_ready(sock, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGHUP)  # a `systemctl reload` racing the stop: ignored
+        proc.send_signal(signal.SIGTERM)  # second stop signal: cancel at once, still exit 0
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "pushd stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
