@@ -244,8 +244,10 @@ class AnalyzerActor:
                 (self.clock(), change.device_id),
             )
             return
-        if not record.consent.events:
-            await self.withdraw_consent(record.user_id)
+        if not record.consent.events or record.consent.event_kinds:
+            await withdraw_consent(
+                self.store, record.user_id, allowed_kinds=record.consent.event_kinds if record.consent.events else ()
+            )
         rows = await self.store.fetchall(
             "SELECT root_id FROM followups WHERE device_id = ? AND state IN ('pending', 'waiting')",
             (record.device_id,),
@@ -260,20 +262,7 @@ class AnalyzerActor:
                 await self._handled(root_id, record.device_id, change.at or self.clock())
 
     async def withdraw_consent(self, user_id: str) -> None:
-        """No more analysis for this user: delete their events, stop event follow-ups."""
-        deleted = await self.store.execute("DELETE FROM events WHERE user_id = ?", (user_id,))
-        rows = await self.store.fetchall(
-            "SELECT root_id, device_id FROM followups WHERE user_id = ? AND state IN ('pending', 'waiting')",
-            (user_id,),
-        )
-        stopped = 0
-        for root_id, device_id in rows:
-            found = await self._spec(root_id)
-            if found is not None and found[1].event is not None:
-                await self._stop(root_id, device_id, "consent_withdrawn")
-                stopped += 1
-        if deleted or stopped:
-            log.info("consent withdrawn", user_id=user_id, events_deleted=deleted, followups_stopped=stopped)
+        await withdraw_consent(self.store, user_id, allowed_kinds=())
 
     # -- state changes ------------------------------------------------------------------
 
@@ -452,6 +441,36 @@ class AnalyzerActor:
         if self.queue_notes is not None:
             with contextlib.suppress(trio.WouldBlock):
                 self.queue_notes.send_nowait(Enqueued(shards=sorted(shards), count=len(items)))
+
+
+async def withdraw_consent(store: Any, user_id: str, *, allowed_kinds: Sequence[str] = ()) -> tuple[int, int]:
+    """The user no longer lets pushd analyse (some of) their events: delete the stored
+    events of every kind not in ``allowed_kinds`` and stop the follow-ups that would
+    need them. Follow-ups judged on registry data go on. Returns (deleted, stopped)."""
+    kinds = list(allowed_kinds)
+    marks = ",".join("?" * len(kinds))
+    deleted = await store.execute(
+        f"DELETE FROM events WHERE user_id = ? AND name NOT IN ({marks})" if kinds else "DELETE FROM events WHERE user_id = ?",
+        (user_id, *kinds),
+    )
+    rows = await store.fetchall(
+        """SELECT f.root_id, f.device_id, m.meta FROM followups f
+           JOIN messages m ON m.message_id = f.root_id
+           WHERE f.user_id = ? AND f.state IN ('pending', 'waiting')""",
+        (user_id,),
+    )
+    stopped = 0
+    for root_id, device_id, meta in rows:
+        spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+        if spec.event is not None and spec.event not in kinds:
+            stopped += await store.execute(
+                """UPDATE followups SET state = 'stopped', reason = 'consent_withdrawn', due_at = NULL,
+                       updated_at = ? WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
+                (time.time(), root_id, device_id),
+            )
+    if deleted or stopped:
+        log.info("consent withdrawn", user_id=user_id, events_deleted=deleted, followups_stopped=stopped)
+    return deleted, stopped
 
 
 async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import msgpack
 import structlog
 import trio
 
-from actors.analyzer import followup_summary
+from actors.analyzer import followup_summary, withdraw_consent
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import UnknownMessage
@@ -158,6 +158,14 @@ class Ops:
         except InvalidField as exc:
             raise _invalid(exc.field, exc.message) from None
         record = result.record
+        if result.change != "stale" and (not record.consent.events or record.consent.event_kinds):
+            # Consent is applied at once, not when the analyzer gets to it: events outside
+            # it are deleted and the follow-ups that needed them stop, before we answer.
+            await withdraw_consent(
+                self.p.store,
+                record.user_id,
+                allowed_kinds=record.consent.event_kinds if record.consent.events else (),
+            )
         await self._notify_analyzer(
             RegistryChanged(
                 device_id=record.device_id,

@@ -81,3 +81,18 @@ async def test_follow_up_fields_are_validated(short_tmp: Path) -> None:
             with pytest.raises(RequestFailed) as info:
                 await call(short_tmp, "push", notification=alert(), target={"all": True}, follow_up=follow_up)
             assert info.value.field == field, (field, info.value.message)
+
+
+async def test_withdrawing_consent_deletes_events_at_once(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        consent = {"events": True, "event_kinds": ["order.paid", "app.opened"]}
+        reg = device("d1", "u1", consent=consent)
+        await call(short_tmp, "register", **reg)
+        await call(short_tmp, "report", user_id="u1", name="order.paid")
+        await call(short_tmp, "report", user_id="u1", name="app.opened")
+        # narrow the consent: only app.opened may still be analysed
+        await call(short_tmp, "register", **{**reg, "consent": {"events": True, "event_kinds": ["app.opened"]}})
+        rows = await daemon.pipeline.store.fetchall("SELECT name FROM events WHERE user_id = 'u1'")
+        assert [r[0] for r in rows] == ["app.opened"]
+        await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
+        assert await daemon.pipeline.store.fetchall("SELECT * FROM events WHERE user_id = 'u1'") == []
