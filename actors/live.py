@@ -28,6 +28,7 @@ class Live:
     retry_max: float = 600.0
     max_attempts: int = 8
     default_ttl: float = 86_400.0
+    retention: float = 7 * 86_400.0
     sweep_interval: float = 5.0
     store_batch: int = 500
     default_deadline: float = 3600.0

@@ -80,9 +80,22 @@ class QueueActor:
             "UPDATE items SET shard = shard % ? WHERE shard >= ? AND state = 'queued'",
             (live.node_count, live.node_count),
         )
-        if reclaimed or expired or moved:
-            log.info("queue sweep", reclaimed=reclaimed, expired=expired, moved=moved)
+        purged = await self.purge(now - live.retention)
+        if reclaimed or expired or moved or purged:
+            log.info("queue sweep", reclaimed=reclaimed, expired=expired, moved=moved, purged=purged)
         for shard in range(live.node_count):
             ready = await self.queue.next_ready_time(shard)
             if ready is not None and ready <= now:
                 wake(self.wakes, shard)
+
+    async def purge(self, before: float) -> int:
+        """Retention: delete what finished before ``before`` — messages with their items
+        (a bounded amount per sweep), app events, and closed follow-ups. A follow-up still
+        open on a purged message stops with reason ``message_gone``."""
+        purged = await self.queue.purge_finished(before=before, max_items=5000)
+        purged += await self.queue.store.execute("DELETE FROM events WHERE at < ?", (before,))
+        purged += await self.queue.store.execute(
+            "DELETE FROM followups WHERE state IN ('handled', 'gave_up', 'stopped') AND updated_at < ?",
+            (before,),
+        )
+        return purged

@@ -143,6 +143,9 @@ class QueueSection(_Section):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
     sweep_interval: Seconds = 5.0
     default_ttl: Seconds = 86_400.0
+    retention: Annotated[float, Field(ge=3600)] = 7 * 86_400.0
+    """Finished messages, their per-device outcomes, old events and closed follow-ups are
+    deleted this long after they finished (seconds)."""
 
 
 class CodesSection(_Section):

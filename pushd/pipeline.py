@@ -59,6 +59,7 @@ def build_live(cfg: Config, *, sender_config: Callable[..., Any] | None, generat
         retry_max=cfg.queue.retry_max,
         max_attempts=cfg.queue.max_attempts,
         default_ttl=cfg.queue.default_ttl,
+        retention=cfg.queue.retention,
         sweep_interval=cfg.queue.sweep_interval,
         store_batch=cfg.storage.batch_size,
         default_deadline=cfg.analyzer.default_deadline,

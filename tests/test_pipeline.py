@@ -241,3 +241,25 @@ async def test_bulk_registration_is_all_or_nothing(short_tmp: Path) -> None:
         result = await call(short_tmp, "register_many", devices=good)
         assert result == {"registered": 5, "changes": {"registered": 5}}
         assert (await call(short_tmp, "device", device_id="m4"))["user_id"] == "u1"
+
+
+async def test_retention_purges_finished_messages_and_old_data(short_tmp: Path) -> None:
+    import trio as _trio
+
+    from actors.base import ActorContext, Heartbeat
+    from actors.queue import QueueActor
+
+    async with running(short_tmp) as daemon:
+        await register_all(short_tmp, [device("d1", "u1", consent={"events": True, "event_kinds": ["x"]})])
+        done = await call(short_tmp, "push", notification=alert(), target={"all": True})
+        await settled(short_tmp, done["message_id"])
+        await call(short_tmp, "report", user_id="u1", name="x")
+        p = daemon.pipeline
+        _, recv = _trio.open_memory_channel(1)
+        janitor = QueueActor(ActorContext("t", Heartbeat(1)), inbox=recv, queue=p.queue, live=p.live, wakes=[])
+        assert await janitor.purge(time.time() - 3600) == 0  # nothing is old enough yet
+        assert await janitor.purge(time.time() + 1) >= 3  # item, message, event
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "message", message_id=done["message_id"])
+        assert info.value.code == "not_found"
+        assert await p.store.fetchall("SELECT * FROM events") == []
