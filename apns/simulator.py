@@ -1360,8 +1360,8 @@ class _Connection:
                     return
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away (a reset, a killed process): an ordinary end
         finally:
             with trio.move_on_after(1, shield=True):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
