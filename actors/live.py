@@ -20,6 +20,7 @@ class Live:
     codes: CodeKeys
     node_count: int = 2
     node_batch: int = 200
+    node_lanes: int = 4
     lease_seconds: float = 60.0
     shard_by: str = "device"
     region_attribute: str = "region"

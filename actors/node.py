@@ -91,6 +91,27 @@ def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal
     return None
 
 
+class SenderHandle:
+    """A sender with its cancel scope; retired (cancelled) once no lane uses it."""
+
+    def __init__(self, sender: Sender, generation: int) -> None:
+        self.sender = sender
+        self.generation = generation
+        self.scope = trio.CancelScope()
+        self.users = 0
+        self.retired = False
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            self.scope.cancel()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0:
+            self.scope.cancel()
+
+
 class NodeActor:
     def __init__(
         self,
@@ -118,53 +139,65 @@ class NodeActor:
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.wake, self.deliveries, trio.open_nursery() as nursery:
-            sender, scope, generation = await self._start_sender(nursery)
+            self._senders = nursery
+            self._current = await self._start_sender()
+            self._kick = trio.Event()
             task_status.started()
-            while not self.ctx.stopping.is_set():
-                self.ctx.heartbeat.beat()
-                live = self.live.current
-                if live.apns_generation != generation:
-                    self._log.info("APNs settings changed; replacing sender")
-                    new = await self._start_sender(nursery)
-                    scope.cancel()
-                    sender, scope, generation = new
-                items = await self.queue.lease(
-                    shard=self.index,
-                    owner=self.name,
-                    limit=live.node_batch,
-                    now=time.time(),
-                    lease_seconds=live.lease_seconds,
-                )
-                if items:
-                    await self.process(items, sender)
-                    continue
-                ready = await self.queue.next_ready_time(self.index)
-                wait = self.ctx.heartbeat.interval
-                if ready is not None:
-                    wait = min(wait, max(0.0, ready - time.time()) + 0.001)
-                with trio.move_on_after(wait):
-                    async with trio.open_nursery() as waiter:
-                        waiter.start_soon(self._cancel_on_stop, waiter.cancel_scope)
-                        await self.wake.receive()
-                        waiter.cancel_scope.cancel()
-            scope.cancel()
+            async with trio.open_nursery() as lanes:
+                lanes.start_soon(self._waker)
+                # Several lanes lease and send concurrently, each a slice of the batch: a
+                # new urgent message waits for the next free lane, not for a whole batch.
+                async with trio.open_nursery() as work:
+                    for lane in range(self.live.current.node_lanes):
+                        work.start_soon(self._lane, lane)
+                lanes.cancel_scope.cancel()
+            self._current.retire()
+            nursery.cancel_scope.cancel()
 
-    async def _cancel_on_stop(self, scope: trio.CancelScope) -> None:
-        await self.ctx.stopping.wait()
-        scope.cancel()
+    async def _waker(self) -> None:
+        """Turns the queue's wake-ups (one-slot channel) into a broadcast to the lanes."""
+        async for _ in self.wake:
+            self._kick.set()
+            self._kick = trio.Event()
 
-    async def _start_sender(self, nursery: trio.Nursery) -> tuple[Sender, trio.CancelScope, int]:
+    async def _lane(self, lane: int) -> None:
+        while not self.ctx.stopping.is_set():
+            self.ctx.heartbeat.beat()
+            live = self.live.current
+            if live.apns_generation != self._current.generation and lane == 0:
+                self._log.info("APNs settings changed; replacing sender")
+                old, self._current = self._current, await self._start_sender()
+                old.retire()  # cancelled once the lanes still using it are done with it
+            limit = max(1, live.node_batch // max(1, live.node_lanes))
+            items = await self.queue.lease(
+                shard=self.index, owner=self.name, limit=limit, now=time.time(), lease_seconds=live.lease_seconds
+            )
+            if items:
+                handle = self._current
+                handle.users += 1
+                try:
+                    await self.process(items, handle.sender)
+                finally:
+                    handle.release()
+                continue
+            ready = await self.queue.next_ready_time(self.index)
+            wait = self.ctx.heartbeat.interval
+            if ready is not None:
+                wait = min(wait, max(0.0, ready - time.time()) + 0.001)
+            with trio.move_on_after(wait):
+                await self.ctx.idle(self._kick)
+
+    async def _start_sender(self) -> SenderHandle:
         live = self.live.current
         assert live.sender_config is not None, "no APNs sender configured"
-        sender = Sender(live.sender_config())
-        scope = trio.CancelScope()
+        handle = SenderHandle(Sender(live.sender_config()), live.apns_generation)
 
         async def run_sender(*, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await sender.run(task_status=task_status)
+            with handle.scope:
+                await handle.sender.run(task_status=task_status)
 
-        await nursery.start(run_sender)
-        return sender, scope, live.apns_generation
+        await self._senders.start(run_sender)
+        return handle
 
     def _encode(self, item: LeasedItem) -> EncodedNotification | InvalidNotification:
         cached = self._encoded.get(item.message_id)

@@ -130,6 +130,7 @@ class SimulatorSection(_Section):
 class NodesSection(_Section):
     count: Annotated[int, Field(ge=1, le=256)] = 2
     batch: Annotated[int, Field(ge=1, le=10_000)] = 200
+    lanes: Annotated[int, Field(ge=1, le=64)] = 4
     lease_seconds: Seconds = 60.0
     shard_by: Literal["device", "region"] = "device"
     region_attribute: str = "region"
@@ -226,6 +227,7 @@ RESTART_REQUIRED: tuple[str, ...] = (
     "control.group",
     "channels",
     "simulator",
+    "nodes.lanes",
 )
 
 

@@ -51,6 +51,7 @@ def build_live(cfg: Config, *, sender_config: Callable[..., Any] | None, generat
         ),
         node_count=cfg.nodes.count,
         node_batch=cfg.nodes.batch,
+        node_lanes=cfg.nodes.lanes,
         lease_seconds=cfg.nodes.lease_seconds,
         shard_by=cfg.nodes.shard_by,
         region_attribute=cfg.nodes.region_attribute,
