@@ -19,6 +19,7 @@ time, while central keeps accepting pushes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Mapping
@@ -215,7 +216,7 @@ class CentralActor:
             await envelope.answer(Rejected("op", f"central does not handle {msg.kind}"))
             return
         try:
-            accepted, small = await self.accept(msg)
+            accepted = await self.accept(msg)
         except Rejected as exc:
             await envelope.answer(exc)
             return
@@ -223,43 +224,28 @@ class CentralActor:
             log.exception("push could not be accepted")
             await envelope.answer(Failed(f"{type(exc).__name__}: {exc}"))
             return
-        # The message is durable: say so before the fan-out, which can only add to it.
         await envelope.answer(accepted)
-        if small:
-            try:
-                await self.fan_out(accepted.message_id)
-            except Exception:
-                log.exception("inline fan-out failed; retrying in the background", message_id=accepted.message_id)
-                self._schedule(accepted.message_id)
-        else:
-            self._schedule(accepted.message_id)
 
-    async def accept(self, msg: SubmitPush) -> tuple[PushAccepted, bool]:
-        """Validate and store a push (one transaction). Returns the reply and whether its
-        target is small enough to fan out at once."""
+    async def accept(self, msg: SubmitPush) -> PushAccepted:
+        """Validate and store a push durably. Small targets are fanned out in the same
+        transaction; broad ones are stored with their target and fanned out in the
+        background (the reply then counts the candidates of that app)."""
         row, target = self._validate(msg)
-        targeted = await self._count(target, row.notification["topic"])
-        row = MessageRow(
-            message_id=row.message_id,
-            notification=row.notification,
-            priority=row.priority,
-            push_type=row.push_type,
-            created_at=row.created_at,
-            audience=targeted,
-            target=row.target,
-            expiration=row.expiration,
-            collapse_id=row.collapse_id,
-            meta=row.meta,
-        )
-        await self.queue.create_message(row)
+        if target.small:
+            accepted = await self.accept_small(row, target)
+        else:
+            targeted = await self._count(target, row.notification["topic"])
+            await self.queue.create_message(dataclasses.replace(row, audience=targeted))
+            self._schedule(row.message_id)
+            accepted = PushAccepted(message_id=row.message_id, targeted=targeted)
         log.info(
             "push accepted",
             message_id=row.message_id,
-            targeted=targeted,
+            targeted=accepted.targeted,
             priority=row.priority,
             target=next(iter(row.target)),
         )
-        return PushAccepted(message_id=row.message_id, targeted=targeted), target.small
+        return accepted
 
     def _validate(self, msg: SubmitPush) -> tuple[MessageRow, Target]:
         live = self.live.current
@@ -375,56 +361,76 @@ class CentralActor:
         )
         return [r[0] for r in rows]
 
+    def _items(
+        self, message: MessageRow, spec: Target, batch: list[DeviceRecord]
+    ) -> tuple[list[ItemRow], set[int], int]:
+        """Classify, check and seal one batch of resolved devices: (items, shards with
+        sendable items, how many are sendable). Devices that may not receive the message
+        become skipped items with their reason; devices outside the target are dropped."""
+        live = self.live.current
+        target_filter = compile_rule(spec.filter, "target.filter") if spec.filter is not None else None
+        category = message.meta.get("category")
+        items: list[ItemRow] = []
+        shards: set[int] = set()
+        sendable = 0
+        issued = int(time.time() * 1000)
+        for record in batch:
+            verdict = judge(
+                record,
+                classifier_classify=live.classifier.classify,
+                push_type=message.push_type,
+                category=category,
+                target_classes=spec.classes,
+                target_filter=target_filter,
+            )
+            if verdict.reason == "not_targeted":
+                continue
+            code = IdCode(message.message_id, record.device_id, record.user_id, verdict.class_id or UNCLASSIFIED, issued)
+            shard = live.shard_of(record.device_id, record.attributes)
+            items.append(
+                ItemRow(device_id=record.device_id, shard=shard, idcode=live.codes.seal(code), skip_reason=verdict.reason)
+            )
+            if verdict.reason is None:
+                shards.add(shard)
+                sendable += 1
+        return items, shards, sendable
+
+    def _target_of(self, message: MessageRow) -> Target:
+        known = {c.id for c in self.live.current.classifier.classes} | set(message.target.get("classes", []))
+        return Target.parse(message.target, known)
+
+    async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
+        """Listed device or user ids: resolve, classify and store the message with all its
+        items in one transaction, so it is in the queue the moment it is acknowledged."""
+        records: list[DeviceRecord] = []
+        async for batch in self.registry.targets(
+            device_ids=target.devices, user_ids=target.users, topic=row.notification["topic"], batch=SMALL_TARGET
+        ):
+            records.extend(batch)
+        items, shards, sendable = self._items(row, target, records)
+        row = dataclasses.replace(row, audience=len(items))
+        await self.queue.create_with_items(row, items, now=time.time())
+        if shards:
+            self._note(Enqueued(shards=sorted(shards), count=sendable))
+        return PushAccepted(message_id=row.message_id, targeted=len(items))
+
     async def fan_out(self, message_id: str) -> int:
-        """Resolve, classify, check and enqueue a message's audience. Returns the number
-        of items written (sendable and skipped)."""
+        """Resolve, classify, check and enqueue a message's audience in batches, streaming
+        over the registry (resumable: enqueueing is idempotent per device). Returns the
+        number of items written (sendable and skipped)."""
         message = await self.queue.get_message(message_id)
         if message is None:
             return 0
-        live = self.live.current
-        spec = Target.parse(message.target, {c.id for c in live.classifier.classes} | set(message.target.get("classes", [])))
-        target_filter = compile_rule(spec.filter, "target.filter") if spec.filter is not None else None
-        topic = message.notification["topic"]
-        category = message.meta.get("category")
-        bound = log.bind(message_id=message_id)
+        spec = self._target_of(message)
         total = 0
         async for batch in self.registry.targets(
-            device_ids=spec.devices, user_ids=spec.users, topic=topic, batch=live.store_batch
+            device_ids=spec.devices,
+            user_ids=spec.users,
+            topic=message.notification["topic"],
+            batch=self.live.current.store_batch,
         ):
             self.ctx.heartbeat.beat()
-            live = self.live.current
-            items: list[ItemRow] = []
-            shards: set[int] = set()
-            sendable = 0
-            issued = int(time.time() * 1000)
-            for record in batch:
-                verdict = judge(
-                    record,
-                    classifier_classify=live.classifier.classify,
-                    push_type=message.push_type,
-                    category=category,
-                    target_classes=spec.classes,
-                    target_filter=target_filter,
-                )
-                if verdict.reason == "not_targeted":
-                    continue
-                code = IdCode(
-                    message_id, record.device_id, record.user_id, verdict.class_id or UNCLASSIFIED, issued
-                )
-                shard = live.shard_of(record.device_id, record.attributes)
-                # A device that may not receive it is stored as skipped, with its reason,
-                # in the same transaction: never leased, never sent.
-                items.append(
-                    ItemRow(
-                        device_id=record.device_id,
-                        shard=shard,
-                        idcode=live.codes.seal(code),
-                        skip_reason=verdict.reason,
-                    )
-                )
-                if verdict.reason is None:
-                    shards.add(shard)
-                    sendable += 1
+            items, shards, sendable = self._items(message, spec, batch)
             if not items:
                 continue
             await self.queue.enqueue(message_id, items, now=time.time())
@@ -435,7 +441,7 @@ class CentralActor:
             "UPDATE messages SET fanout_done = 1, audience = max(audience, ?) WHERE message_id = ?",
             (total, message_id),
         )
-        bound.info("fan-out done", items=total)
+        log.info("fan-out done", message_id=message_id, items=total)
         return total
 
     def _note(self, note: Enqueued) -> None:
