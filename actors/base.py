@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import trio
 
-__all__ = ["ActorContext", "Heartbeat", "receive_within"]
+__all__ = ["ActorContext", "Heartbeat", "receive_unless_stopping", "receive_within"]
 
 T = TypeVar("T")
 
@@ -69,3 +69,17 @@ async def receive_within(channel: trio.MemoryReceiveChannel[T], seconds: float) 
     with trio.move_on_after(seconds):
         return True, await channel.receive()
     return False, None
+
+
+async def receive_unless_stopping(
+    ctx: ActorContext, channel: trio.MemoryReceiveChannel[T], seconds: float
+) -> bool:
+    """Wait up to ``seconds`` for one message (which is discarded: a wake-up), returning
+    early — with False — when a stop is requested. True: a message came."""
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_then_cancel, ctx.stopping, nursery.cancel_scope)
+            await channel.receive()
+            nursery.cancel_scope.cancel()
+            return True
+    return False

@@ -402,11 +402,14 @@ class CentralActor:
     async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
         """Listed device or user ids: resolve, classify and store the message with all its
         items in one transaction, so it is in the queue the moment it is acknowledged."""
+        topic = row.notification["topic"]
         records: list[DeviceRecord] = []
-        async for batch in self.registry.targets(
-            device_ids=target.devices, user_ids=target.users, topic=row.notification["topic"], batch=SMALL_TARGET
-        ):
-            records.extend(batch)
+        if target.devices is not None:  # one indexed read
+            found = await self.registry.get_many(target.devices)
+            records = [r for r in found.values() if r.topic == topic and r.active]
+        else:
+            async for batch in self.registry.targets(user_ids=target.users, topic=topic, batch=SMALL_TARGET):
+                records.extend(batch)
         items, shards, sendable = self._items(row, target, records)
         row = dataclasses.replace(row, audience=len(items))
         await self.queue.create_with_items(row, items, now=time.time())

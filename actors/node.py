@@ -21,6 +21,7 @@ the queue, and what it leased but could not finish is reclaimed when the lease r
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -32,7 +33,7 @@ import trio
 
 from actors.analyzer import Outcome as FollowUpOutcome
 from actors.analyzer import record_outcomes
-from actors.base import ActorContext
+from actors.base import ActorContext, receive_unless_stopping
 from actors.idcode import InvalidCode
 from actors.live import Live, LiveRef
 from actors.messages import Delivered
@@ -141,7 +142,9 @@ class NodeActor:
         async with self.wake, self.deliveries, trio.open_nursery() as nursery:
             self._senders = nursery
             self._current = await self._start_sender()
-            self._kick = trio.Event()
+            # Wake-ups go to ONE idle lane (a lane that finds more work wakes the next), so a
+            # wake does not cost every lane an empty lease.
+            self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
             task_status.started()
             async with trio.open_nursery() as lanes:
                 lanes.start_soon(self._waker)
@@ -155,10 +158,13 @@ class NodeActor:
             nursery.cancel_scope.cancel()
 
     async def _waker(self) -> None:
-        """Turns the queue's wake-ups (one-slot channel) into a broadcast to the lanes."""
+        """Passes the queue's wake-ups (one-slot channel) on to the lanes."""
         async for _ in self.wake:
-            self._kick.set()
-            self._kick = trio.Event()
+            self._wake_a_lane()
+
+    def _wake_a_lane(self) -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            self._kick_send.send_nowait(None)
 
     async def _lane(self, lane: int) -> None:
         while not self.ctx.stopping.is_set():
@@ -173,19 +179,19 @@ class NodeActor:
                 shard=self.index, owner=self.name, limit=limit, now=time.time(), lease_seconds=live.lease_seconds
             )
             if items:
+                if len(items) == limit:
+                    self._wake_a_lane()  # there is probably more: let another lane lease too
                 handle = self._current
                 handle.users += 1
                 try:
                     await self.process(items, handle.sender)
                 finally:
                     handle.release()
-                continue
-            ready = await self.queue.next_ready_time(self.index)
-            wait = self.ctx.heartbeat.interval
-            if ready is not None:
-                wait = min(wait, max(0.0, ready - time.time()) + 0.001)
-            with trio.move_on_after(wait):
-                await self.ctx.idle(self._kick)
+                if len(items) == limit:
+                    continue
+            # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
+            # for one heartbeat interval, whichever comes first; then lease again.
+            await receive_unless_stopping(self.ctx, self._kick_recv, self.ctx.heartbeat.interval)
 
     async def _start_sender(self) -> SenderHandle:
         live = self.live.current
