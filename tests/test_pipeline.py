@@ -263,3 +263,17 @@ async def test_retention_purges_finished_messages_and_old_data(short_tmp: Path) 
             await call(short_tmp, "message", message_id=done["message_id"])
         assert info.value.code == "not_found"
         assert await p.store.fetchall("SELECT * FROM events") == []
+
+
+async def test_retryable_answers_go_back_to_the_queue_and_are_sent_later(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        tok = await register_all(short_tmp, [device("d1", "u1")])
+        # More failures than the sender retries at once (apns.max_attempts = 3): the item
+        # goes back to the durable queue with backoff and is leased again.
+        simulator(daemon).inject(503, "ServiceUnavailable", count=4, token=tok["d1"])
+        accepted = await call(short_tmp, "push", notification=alert(), target={"devices": ["d1"]})
+        state = await settled(short_tmp, accepted["message_id"])
+        assert state["states"]["sent"] == 1
+        assert state["devices"][0]["attempts"] == 2
+        statuses = [r.status for r in simulator(daemon).requests if r.token == tok["d1"]]
+        assert statuses == [503, 503, 503, 503, 200]
