@@ -43,6 +43,7 @@ log = structlog.get_logger("actors.central")
 
 MAX_LISTED_IDS = 10_000
 SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
+ACCEPT_BATCH = 64  # pushes waiting in central's inbox stored together in one transaction
 UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches
 FANOUT_ATTEMPTS = 3  # a fan-out failing this often is given up (recorded), not retried forever
 
@@ -203,7 +204,16 @@ class CentralActor:
                 got, envelope = await receive_within(self.inbox, self.ctx.heartbeat.interval)
                 if got:
                     assert envelope is not None
-                    await self._handle(envelope)
+                    batch = [envelope]
+                    while len(batch) < ACCEPT_BATCH:  # whatever else is waiting: one commit
+                        try:
+                            batch.append(self.inbox.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if len(batch) == 1:
+                        await self._handle(envelope)
+                    else:
+                        await self._handle_many(batch)
             nursery.cancel_scope.cancel()
 
     # -- acceptance -------------------------------------------------------------------
@@ -225,6 +235,43 @@ class CentralActor:
             await envelope.answer(Failed(f"{type(exc).__name__}: {exc}"))
             return
         await envelope.answer(accepted)
+
+    async def _handle_many(self, envelopes: list[Envelope]) -> None:
+        """A burst of pushes: the small ones are stored together in one transaction; a
+        broad one, or a burst that fails as a whole, falls back to one at a time."""
+        small: list[tuple[Envelope, MessageRow, Target]] = []
+        for envelope in envelopes:
+            msg = envelope.message
+            if not isinstance(msg, SubmitPush):
+                await self._handle(envelope)
+                continue
+            try:
+                row, target = self._validate(msg)
+            except Rejected as exc:
+                await envelope.answer(exc)
+                continue
+            except Exception:
+                await self._handle(envelope)  # answers it as a failure, with the log
+                continue
+            if target.small:
+                small.append((envelope, row, target))
+            else:
+                await self._handle(envelope)
+        if not small:
+            return
+        try:
+            prepared = [await self._resolve_small(row, target) for _, row, target in small]
+            await self.queue.create_many_with_items([(row, items) for row, items, _, _ in prepared], now=time.time())
+        except Exception:
+            log.exception("batched accept failed; accepting one at a time")
+            for envelope, _, _ in small:
+                await self._handle(envelope)
+            return
+        for (envelope, _, _), (row, items, shards, sendable) in zip(small, prepared, strict=True):
+            if shards:
+                self._note(Enqueued(shards=sorted(shards), count=sendable))
+            log.info("push accepted", message_id=row.message_id, targeted=len(items), priority=row.priority)
+            await envelope.answer(PushAccepted(message_id=row.message_id, targeted=len(items)))
 
     async def accept(self, msg: SubmitPush) -> PushAccepted:
         """Validate and store a push durably. Small targets are fanned out in the same
@@ -399,9 +446,9 @@ class CentralActor:
         known = {c.id for c in self.live.current.classifier.classes} | set(message.target.get("classes", []))
         return Target.parse(message.target, known)
 
-    async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
-        """Listed device or user ids: resolve, classify and store the message with all its
-        items in one transaction, so it is in the queue the moment it is acknowledged."""
+    async def _resolve_small(
+        self, row: MessageRow, target: Target
+    ) -> tuple[MessageRow, list[ItemRow], set[int], int]:
         topic = row.notification["topic"]
         records: list[DeviceRecord] = []
         if target.devices is not None:  # one indexed read
@@ -411,7 +458,12 @@ class CentralActor:
             async for batch in self.registry.targets(user_ids=target.users, topic=topic, batch=SMALL_TARGET):
                 records.extend(batch)
         items, shards, sendable = self._items(row, target, records)
-        row = dataclasses.replace(row, audience=len(items))
+        return dataclasses.replace(row, audience=len(items)), items, shards, sendable
+
+    async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
+        """Listed device or user ids: resolve, classify and store the message with all its
+        items in one transaction, so it is in the queue the moment it is acknowledged."""
+        row, items, shards, sendable = await self._resolve_small(row, target)
         await self.queue.create_with_items(row, items, now=time.time())
         if shards:
             self._note(Enqueued(shards=sorted(shards), count=sendable))

@@ -237,13 +237,22 @@ class QueueStore:
     async def create_with_items(self, msg: MessageRow, items: Sequence[ItemRow], *, now: float) -> int:
         """A message, all its items and the end of its fan-out in ONE transaction (the
         fast path for small targets: one write instead of three). Returns items added."""
+        return (await self.create_many_with_items([(msg, items)], now=now))[0]
 
-        def write(conn: sqlite3.Connection) -> int:
-            self._create_in(conn, msg)
-            added = self._enqueue_in(conn, msg.message_id, items, now) if items else 0
-            conn.execute("UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (msg.message_id,))
-            if not items:
-                _settle(conn, [msg.message_id], now)
+    async def create_many_with_items(
+        self, batch: Sequence[tuple[MessageRow, Sequence[ItemRow]]], *, now: float
+    ) -> list[int]:
+        """Several messages with all their items in one transaction (a burst of small
+        pushes costs one commit). All or nothing. Returns the items added per message."""
+
+        def write(conn: sqlite3.Connection) -> list[int]:
+            added = []
+            for msg, items in batch:
+                self._create_in(conn, msg)
+                added.append(self._enqueue_in(conn, msg.message_id, items, now) if items else 0)
+                conn.execute("UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (msg.message_id,))
+                if not items:
+                    _settle(conn, [msg.message_id], now)
             return added
 
         return await self.store.transaction(write)

@@ -277,3 +277,28 @@ async def test_retryable_answers_go_back_to_the_queue_and_are_sent_later(short_t
         assert state["devices"][0]["attempts"] == 2
         statuses = [r.status for r in simulator(daemon).requests if r.token == tok["d1"]]
         assert statuses == [503, 503, 503, 503, 200]
+
+
+async def test_a_burst_of_pushes_is_accepted_together_and_each_answered(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        tok = await register_all(short_tmp, [device(f"d{i}", f"u{i}") for i in range(10)])
+        answers: dict[int, object] = {}
+
+        async def one(i: int) -> None:
+            target = {"devices": [f"d{i % 10}"]} if i != 7 else {"classes": ["no-such-class"]}
+            try:
+                answers[i] = await call(short_tmp, "push", notification=alert(f"n{i}"), target=target)
+            except RequestFailed as exc:
+                answers[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(one, i)
+        assert isinstance(answers[7], RequestFailed) and answers[7].field == "target.classes"
+        accepted = {i: a for i, a in answers.items() if i != 7}
+        assert all(isinstance(a, dict) and a["targeted"] == 1 for a in accepted.values())
+        assert len({a["message_id"] for a in accepted.values()}) == 39  # type: ignore[index]
+        for a in accepted.values():
+            await settled(short_tmp, a["message_id"])  # type: ignore[index]
+        assert sum(len(reached(daemon, a["message_id"])) for a in accepted.values()) == 39  # type: ignore[index]
+        assert set(tok.values()) == {r.token for r in simulator(daemon).requests}
