@@ -146,10 +146,16 @@ class Ops:
         }
 
     async def _notify_analyzer(self, change: RegistryChanged) -> None:
+        """Registry changes are evidence for follow-ups. A brand-new device has none, and
+        consent is applied synchronously, so only updates of known devices matter. If the
+        analyzer's inbox is full the hint is dropped: a follow-up's registry condition is
+        re-checked at its deadline anyway."""
+        if change.change == "registered":
+            return
         try:
             self.p.analyzer_send.send_nowait(change)
         except trio.WouldBlock:
-            log.warning("analyzer inbox full; registry change not reported", device_id=change.device_id)
+            self.p.counters["registry_hints_dropped"] += 1
 
     async def register(self, args: dict[str, Any], peer: Peer) -> Any:
         registration = parse_registration(args)
