@@ -171,12 +171,15 @@ class AnalyzerActor:
             """SELECT f.root_id, f.device_id, i.state, i.reason, i.updated_at, m.meta
                FROM followups f
                JOIN items i ON i.message_id = f.root_id || '.r' || f.repushes AND i.device_id = f.device_id
-               JOIN messages m ON m.message_id = f.root_id
+               LEFT JOIN messages m ON m.message_id = f.root_id
                WHERE f.state = 'waiting' AND i.state NOT IN ('queued', 'leased')"""
         )
         changed = 0
         for root_id, device_id, state, reason, updated_at, meta in rows:
-            if state == "sent":
+            if meta is None:
+                await self._stop(root_id, device_id, "message_gone")
+                changed += 1
+            elif state == "sent":
                 spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
                 changed += await self.store.execute(
                     """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
@@ -244,10 +247,9 @@ class AnalyzerActor:
                 (self.clock(), change.device_id),
             )
             return
-        if not record.consent.events or record.consent.event_kinds:
-            await withdraw_consent(
-                self.store, record.user_id, allowed_kinds=record.consent.event_kinds if record.consent.events else ()
-            )
+        await withdraw_consent(
+            self.store, record.user_id, allowed_kinds=record.consent.event_kinds if record.consent.events else ()
+        )
         rows = await self.store.fetchall(
             "SELECT root_id FROM followups WHERE device_id = ? AND state IN ('pending', 'waiting')",
             (record.device_id,),
@@ -447,29 +449,46 @@ async def withdraw_consent(store: Any, user_id: str, *, allowed_kinds: Sequence[
     """The user no longer lets pushd analyse (some of) their events: delete the stored
     events of every kind not in ``allowed_kinds`` and stop the follow-ups that would
     need them. Follow-ups judged on registry data go on. Returns (deleted, stopped)."""
-    kinds = list(allowed_kinds)
-    marks = ",".join("?" * len(kinds))
-    deleted = await store.execute(
-        f"DELETE FROM events WHERE user_id = ? AND name NOT IN ({marks})" if kinds else "DELETE FROM events WHERE user_id = ?",
-        (user_id, *kinds),
-    )
-    rows = await store.fetchall(
-        """SELECT f.root_id, f.device_id, m.meta FROM followups f
-           JOIN messages m ON m.message_id = f.root_id
-           WHERE f.user_id = ? AND f.state IN ('pending', 'waiting')""",
-        (user_id,),
-    )
-    stopped = 0
-    for root_id, device_id, meta in rows:
-        spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
-        if spec.event is not None and spec.event not in kinds:
-            stopped += await store.execute(
-                """UPDATE followups SET state = 'stopped', reason = 'consent_withdrawn', due_at = NULL,
-                       updated_at = ? WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
-                (time.time(), root_id, device_id),
+    return await apply_consents(store, [(user_id, tuple(allowed_kinds))])
+
+
+async def apply_consents(store: Any, consents: Sequence[tuple[str, tuple[str, ...]]]) -> tuple[int, int]:
+    """``withdraw_consent`` for many users at once (a registration batch), in a few
+    queries: only users that have stored events or open follow-ups cost more."""
+    allowed = dict(consents)  # user id -> kinds that may still be analysed
+    users = list(allowed)
+    deleted = stopped = 0
+    for i in range(0, len(users), 500):
+        chunk = users[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        with_events = [r[0] for r in await store.fetchall(
+            f"SELECT DISTINCT user_id FROM events WHERE user_id IN ({marks})", chunk
+        )]
+        for user_id in with_events:
+            kinds = allowed[user_id]
+            kind_marks = ",".join("?" * len(kinds))
+            deleted += await store.execute(
+                f"DELETE FROM events WHERE user_id = ? AND name NOT IN ({kind_marks})"
+                if kinds
+                else "DELETE FROM events WHERE user_id = ?",
+                (user_id, *kinds),
             )
+        rows = await store.fetchall(
+            f"""SELECT f.user_id, f.root_id, f.device_id, m.meta FROM followups f
+                JOIN messages m ON m.message_id = f.root_id
+                WHERE f.user_id IN ({marks}) AND f.state IN ('pending', 'waiting')""",
+            chunk,
+        )
+        for user_id, root_id, device_id, meta in rows:
+            spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+            if spec.event is not None and spec.event not in allowed[user_id]:
+                stopped += await store.execute(
+                    """UPDATE followups SET state = 'stopped', reason = 'consent_withdrawn', due_at = NULL,
+                           updated_at = ? WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
+                    (time.time(), root_id, device_id),
+                )
     if deleted or stopped:
-        log.info("consent withdrawn", user_id=user_id, events_deleted=deleted, followups_stopped=stopped)
+        log.info("consent applied", users=len(users), events_deleted=deleted, followups_stopped=stopped)
     return deleted, stopped
 
 

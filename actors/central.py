@@ -37,6 +37,7 @@ from actors.messages import Enqueued, Envelope, PushAccepted, SubmitPush
 from actors.queuestore import ItemRow, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.rules import Rule, RuleError, compile_rule
+from actors.storage import StorageTimeout
 from apns.payload import InvalidNotification, Notification, PushType
 
 log = structlog.get_logger("actors.central")
@@ -230,6 +231,12 @@ class CentralActor:
         except Rejected as exc:
             await envelope.answer(exc)
             return
+        except StorageTimeout as exc:
+            # The write still completes (all or nothing) but we cannot tell which: do not
+            # invite a blind retry that could double the notification.
+            log.error("push store timed out", error=str(exc))
+            await envelope.answer(Failed(f"storage did not confirm in time; the push may have been accepted: {exc}"))
+            return
         except Exception as exc:
             log.exception("push could not be accepted")
             await envelope.answer(Failed(f"{type(exc).__name__}: {exc}"))
@@ -335,8 +342,17 @@ class CentralActor:
                 )
             except FollowUpError as exc:
                 raise Rejected(exc.field, exc.message) from None
-            if follow_up.reminder is not None and follow_up.reminder.get("topic") != notification.topic:
-                raise Rejected("follow_up.reminder.topic", "must be the push's topic")
+            reminder = follow_up.reminder
+            if reminder is not None:
+                # A reminder is checked against the permissions of the original push, so it
+                # must be the same kind of push: same topic, push type and category.
+                if reminder.get("topic") != notification.topic:
+                    raise Rejected("follow_up.reminder.topic", "must be the push's topic")
+                if reminder.get("push_type", "alert") != str(notification.push_type):
+                    raise Rejected("follow_up.reminder.push_type", "must be the push's push type")
+                reminder_category = category_of(reminder, None)
+                if reminder_category is not None and reminder_category != meta["category"]:
+                    raise Rejected("follow_up.reminder.aps.category", "must be the push's category (or absent)")
             meta["follow_up"] = follow_up.to_dict()
         if msg.parent_id is not None:
             meta["parent_id"] = msg.parent_id

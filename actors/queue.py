@@ -90,10 +90,14 @@ class QueueActor:
 
     async def purge(self, before: float) -> int:
         """Retention: delete what finished before ``before`` — messages with their items
-        (a bounded amount per sweep), app events, and closed follow-ups. A follow-up still
-        open on a purged message stops with reason ``message_gone``."""
+        (a bounded amount per sweep), app events, and closed follow-ups — but never a
+        message or a user's events that an open follow-up still needs."""
         purged = await self.queue.purge_finished(before=before, max_items=5000)
-        purged += await self.queue.store.execute("DELETE FROM events WHERE at < ?", (before,))
+        purged += await self.queue.store.execute(
+            """DELETE FROM events WHERE at < ? AND user_id NOT IN
+                   (SELECT user_id FROM followups WHERE state IN ('pending', 'waiting'))""",
+            (before,),
+        )
         purged += await self.queue.store.execute(
             "DELETE FROM followups WHERE state IN ('handled', 'gave_up', 'stopped') AND updated_at < ?",
             (before,),

@@ -485,7 +485,11 @@ class QueueStore:
             deleted = 0
             finished = conn.execute(
                 """SELECT message_id FROM messages
-                   WHERE state = 'done' AND finished_at < ? ORDER BY finished_at LIMIT 100""",
+                   WHERE state = 'done' AND finished_at < ?
+                     AND NOT EXISTS (SELECT 1 FROM followups f
+                                     WHERE f.root_id = messages.message_id
+                                       AND f.state IN ('pending', 'waiting'))
+                   ORDER BY finished_at LIMIT 100""",
                 (before,),
             ).fetchall()
             for (message_id,) in finished:

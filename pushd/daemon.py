@@ -192,6 +192,12 @@ class Daemon:
         """Re-read the config file; apply it or keep the old one. Never raises."""
         async with self._reload_lock:
             source = self.config.source
+            if self.draining:
+                return {
+                    "ok": False,
+                    "file": str(source),
+                    "problems": [{"key": "(daemon)", "message": "pushd is shutting down; reload refused"}],
+                }
             self.notifier.reloading()
             try:
                 if source is None:

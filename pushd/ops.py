@@ -16,7 +16,7 @@ import msgpack
 import structlog
 import trio
 
-from actors.analyzer import followup_summary, withdraw_consent
+from actors.analyzer import apply_consents, followup_summary
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import UnknownMessage
@@ -95,6 +95,11 @@ def parse_registration(args: Mapping[str, Any]) -> Registration:
     )
 
 
+def _consent_of(record: Any) -> tuple[str, tuple[str, ...]]:
+    """(user id, event kinds that may be analysed): none unless events are allowed."""
+    return record.user_id, tuple(record.consent.event_kinds) if record.consent.events else ()
+
+
 def device_view(record: Any) -> dict[str, Any]:
     """A device as the control socket shows it: the token redacted."""
     return {
@@ -164,14 +169,10 @@ class Ops:
         except InvalidField as exc:
             raise _invalid(exc.field, exc.message) from None
         record = result.record
-        if result.change != "stale" and (not record.consent.events or record.consent.event_kinds):
+        if result.change != "stale":
             # Consent is applied at once, not when the analyzer gets to it: events outside
             # it are deleted and the follow-ups that needed them stop, before we answer.
-            await withdraw_consent(
-                self.p.store,
-                record.user_id,
-                allowed_kinds=record.consent.event_kinds if record.consent.events else (),
-            )
+            await apply_consents(self.p.store, [_consent_of(record)])
         await self._notify_analyzer(
             RegistryChanged(
                 device_id=record.device_id,
@@ -209,6 +210,7 @@ class Ops:
             results = await self.p.registry.register_many(registrations, now_ms=int(time.time() * 1000))
         except InvalidField as exc:
             raise _invalid(f"devices.{exc.field}", exc.message) from None
+        await apply_consents(self.p.store, [_consent_of(r.record) for r in results if r.change != "stale"])
         for result in results:
             if result.change != "stale":
                 await self._notify_analyzer(

@@ -76,6 +76,14 @@ async def test_follow_up_fields_are_validated(short_tmp: Path) -> None:
             ({**FOLLOW, "handled": {"registry": {"field": "device.app_version", "semver_ge": 2}}}, "follow_up.handled.registry.semver_ge"),
             ({**FOLLOW, "reminder": {"aps": {"alert": 1}, "topic": "com.example.app"}}, "follow_up.reminder.aps.alert"),
             ({**FOLLOW, "colour": 1}, "follow_up.colour"),
+            (
+                {**FOLLOW, "reminder": {"aps": {"alert": "x"}, "topic": "com.example.app", "push_type": "voip"}},
+                "follow_up.reminder.push_type",
+            ),
+            (
+                {**FOLLOW, "reminder": {"aps": {"alert": "x", "category": "promo"}, "topic": "com.example.app"}},
+                "follow_up.reminder.aps.category",
+            ),
         ]
         for follow_up, field in cases:
             with pytest.raises(RequestFailed) as info:
@@ -96,3 +104,15 @@ async def test_withdrawing_consent_deletes_events_at_once(short_tmp: Path) -> No
         assert [r[0] for r in rows] == ["app.opened"]
         await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
         assert await daemon.pipeline.store.fetchall("SELECT * FROM events WHERE user_id = 'u1'") == []
+
+
+async def test_consent_narrowed_to_nothing_or_withdrawn_in_bulk_deletes_events(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        consent = {"events": True, "event_kinds": ["order.paid"]}
+        a, b = device("a1", "ua", consent=consent), device("b1", "ub", consent=consent)
+        await call(short_tmp, "register_many", devices=[a, b])
+        await call(short_tmp, "report", user_id="ua", name="order.paid")
+        await call(short_tmp, "report", user_id="ub", name="order.paid")
+        await call(short_tmp, "register", **{**a, "consent": {"events": True, "event_kinds": []}})
+        await call(short_tmp, "register_many", devices=[{**b, "consent": {"events": False}}])
+        assert await daemon.pipeline.store.fetchall("SELECT * FROM events") == []
