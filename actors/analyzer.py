@@ -75,12 +75,15 @@ def record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: 
     transaction. The node calls this *before* it acks the items: a crash in between
     leaves the items leased (sent again after restart) and this write idempotent, so a
     delivered notification with a follow-up never goes without its follow-up row."""
+    specs: dict[str, FollowUp] = {}  # parsed once per message, not once per device
     for o in outcomes:
         meta = o.message.meta
         if "follow_up" not in meta:
             continue
         root_id = meta.get("root_id", o.message.message_id)
-        spec = FollowUp.parse(meta["follow_up"])
+        spec = specs.get(o.message.message_id)
+        if spec is None:
+            spec = specs[o.message.message_id] = FollowUp.parse(meta["follow_up"])
         if root_id == o.message.message_id:
             if o.outcome == "delivered":
                 conn.execute(
@@ -126,7 +129,6 @@ class AnalyzerActor:
         self.queue_notes = queue_notes
         self.clock = clock
         self._messages: OrderedDict[str, MessageRow | None] = OrderedDict()
-        self.delivered = 0
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -220,9 +222,9 @@ class AnalyzerActor:
         return root, FollowUp.parse(root.meta["follow_up"])
 
     async def on_delivered(self, d: Delivered) -> None:
-        """Delivery records are informational here: the node has already written the
-        follow-up state durably (``record_outcomes``); ``reconcile`` repairs the rest."""
-        self.delivered += d.outcome == "delivered"
+        """A delivery record only wakes the timer (a new follow-up may be due sooner than
+        the one it sleeps for): the node has already written the follow-up state durably
+        (``record_outcomes``), and ``reconcile`` repairs what a lost record leaves."""
 
     async def on_event(self, e: AppEvent) -> None:
         rows = await self.store.fetchall(
@@ -262,9 +264,6 @@ class AnalyzerActor:
             rule = spec.registry_rule()
             if rule is not None and rule.matches(record.fields()):
                 await self._handled(root_id, record.device_id, change.at or self.clock())
-
-    async def withdraw_consent(self, user_id: str) -> None:
-        await withdraw_consent(self.store, user_id, allowed_kinds=())
 
     # -- state changes ------------------------------------------------------------------
 

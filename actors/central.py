@@ -189,15 +189,11 @@ class CentralActor:
         self.registry = registry
         self.queue = queue
         self.live = live
-        self._fanouts_send, self._fanouts_recv = trio.open_memory_channel[str](0)
-        self._pending: list[str] = []
-        self._have_pending = trio.Event()
-        self._failures: dict[str, int] = {}
+        self._fanout_wanted = trio.Event()
+        self._failures: dict[str, int] = {}  # message id -> failed fan-out attempts
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, self.queue_notes, trio.open_nursery() as nursery:
-            for message_id in await self._unfinished_fanouts():
-                self._schedule(message_id)
             nursery.start_soon(self._fanout_loop)
             task_status.started()
             while not self.ctx.stopping.is_set():
@@ -290,7 +286,7 @@ class CentralActor:
         else:
             targeted = await self._count(target, row.notification["topic"])
             await self.queue.create_message(dataclasses.replace(row, audience=targeted))
-            self._schedule(row.message_id)
+            self._schedule()
             accepted = PushAccepted(message_id=row.message_id, targeted=targeted)
         log.info(
             "push accepted",
@@ -393,36 +389,36 @@ class CentralActor:
 
     # -- fan-out ----------------------------------------------------------------------
 
-    def _schedule(self, message_id: str) -> None:
-        self._pending.append(message_id)
-        self._have_pending.set()
+    def _schedule(self) -> None:
+        """A broad fan-out is waiting in the store (``fanout_done = 0``)."""
+        self._fanout_wanted.set()
 
     async def _fanout_loop(self) -> None:
+        """Fan out, oldest first, every message the store says is not fanned out yet —
+        after a crash as well as after an accept: the store is the work list."""
         while True:
-            while not self._pending:
-                self._have_pending = trio.Event()
-                await self._have_pending.wait()
-            message_id = self._pending.pop(0)
+            self._fanout_wanted = trio.Event()  # before the query: no wake-up is missed
+            row = await self.queue.store.fetchone(
+                "SELECT message_id FROM messages WHERE fanout_done = 0 ORDER BY created_at LIMIT 1"
+            )
+            if row is None:
+                await self._fanout_wanted.wait()
+                continue
+            message_id = row[0]
             try:
                 await self.fan_out(message_id)
+                self._failures.pop(message_id, None)
             except Exception as exc:
-                # One bad message must not take central down with it: retry it a few
-                # times (idempotent), then record the failure and move on.
+                # One bad message must not take central down with it: it is tried again
+                # (idempotent) a few times, then the failure is recorded and skipped.
                 self._failures[message_id] = self._failures.get(message_id, 0) + 1
                 log.exception("fan-out failed", message_id=message_id, attempt=self._failures[message_id])
-                if self._failures[message_id] < FANOUT_ATTEMPTS:
-                    self._schedule(message_id)
-                else:
+                if self._failures.get(message_id, 0) >= FANOUT_ATTEMPTS:
+                    del self._failures[message_id]
                     await self.queue.store.execute(
                         "UPDATE messages SET fanout_done = -1 WHERE message_id = ?", (message_id,)
                     )
                     log.error("fan-out given up", message_id=message_id, error=f"{type(exc).__name__}: {exc}")
-
-    async def _unfinished_fanouts(self) -> list[str]:
-        rows = await self.queue.store.fetchall(
-            "SELECT message_id FROM messages WHERE fanout_done = 0 ORDER BY created_at"
-        )
-        return [r[0] for r in rows]
 
     def _items(
         self, message: MessageRow, spec: Target, batch: list[DeviceRecord]

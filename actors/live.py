@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from actors.idcode import CodeKeys
@@ -38,7 +38,7 @@ class Live:
     # and nodes then replace their sender between two batches.
     sender_config: Callable[[], SenderConfig] | None = None
     apns_generation: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    apns_environment: str = "simulator"  # production/sandbox: devices of the other one are skipped
 
     def shard_of(self, device_id: str, attributes: Mapping[str, Any] | None = None) -> int:
         """Which node owns a device: by a stable hash of its id, or by region."""

@@ -86,8 +86,7 @@ def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal
     category = message.meta.get("category")
     if not record.permissions.permits(message.push_type, category):
         return Refusal("skipped", "permission_withdrawn")
-    env = live.extra.get("apns_environment")
-    if env in ("production", "sandbox") and record.environment != env:
+    if live.apns_environment in ("production", "sandbox") and record.environment != live.apns_environment:
         return Refusal("skipped", "wrong_environment")
     return None
 
@@ -232,28 +231,31 @@ class NodeActor:
             results.append(ItemResult(item.item_id, state, outcome=outcome, reason=reason, apns_id=apns_id))  # type: ignore[arg-type]
             record = records.get(item.device_id)
             if "follow_up" in item.message.meta:
+                user_id = record.user_id if record else ""
                 followups.append(
                     FollowUpOutcome(
                         message=item.message,
                         device_id=item.device_id,
-                        user_id=record.user_id if record else "",
+                        user_id=user_id,
                         class_id=class_of(item, live),
                         outcome=outcome,
                         reason=reason,
                         at=now,
                     )
                 )
-            delivered.append(
-                Delivered(
-                    message_id=item.message_id,
-                    device_id=item.device_id,
-                    user_id=record.user_id if record else "",
-                    outcome=outcome,
-                    reason=reason,
-                    apns_id=apns_id,
-                    at=now,
+                # The record wakes the analyzer's timer; messages without a follow-up
+                # give it nothing to do, so they send none.
+                delivered.append(
+                    Delivered(
+                        message_id=item.message_id,
+                        device_id=item.device_id,
+                        user_id=user_id,
+                        outcome=outcome,
+                        reason=reason,
+                        apns_id=apns_id,
+                        at=now,
+                    )
                 )
-            )
             self.counters[f"{state}"] += 1
 
         for item in items:

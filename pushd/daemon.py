@@ -147,7 +147,7 @@ class Daemon:
         )
         task_status.started(self)
         await self._stop_requested.wait()
-        await self._drain(nursery)
+        await self._drain()
 
     # -- signals, drain, watchdog ---------------------------------------------------
 
@@ -174,7 +174,7 @@ class Daemon:
         if not result["ok"]:
             log.error("reload rejected; old config kept", problems=result["problems"])
 
-    async def _drain(self, nursery: trio.Nursery) -> None:
+    async def _drain(self) -> None:
         """Stop taking new work, let in-flight work finish within shutdown_timeout."""
         self.draining = True
         timeout = self.config.daemon.shutdown_timeout

@@ -67,7 +67,7 @@ def build_live(cfg: Config, *, sender_config: Callable[..., Any] | None, generat
         max_repushes=cfg.analyzer.max_repushes,
         sender_config=sender_config,
         apns_generation=generation,
-        extra={"apns_environment": cfg.apns.environment},
+        apns_environment=cfg.apns.environment,
     )
 
 
@@ -245,6 +245,3 @@ class Pipeline:
     def status_line(self) -> str:
         c = self.counters
         return f"{len(self.node_names)} nodes; sent {c['sent']}, failed {c['failed']}, skipped {c['skipped']}"
-
-    def now(self) -> float:
-        return time.time()

@@ -73,7 +73,6 @@ class ActorHandle:
     name: str
     stopping: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     state: ActorState = ActorState.STARTING
     restarts: int = 0
     last_error: str | None = None
@@ -150,54 +149,53 @@ class Supervisor:
         reported = False
         bound = structlog.get_logger("pushd.supervisor").bind(actor=name)
         try:
-            with handle.scope:
-                while True:
-                    ctx = ActorContext(name, Heartbeat(self.policy.heartbeat_interval), handle.stopping)
-                    handle.heartbeat = ctx.heartbeat
-                    handle.state = ActorState.STARTING
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            await nursery.start(factory(ctx).run)
-                            ctx.heartbeat.beat()
-                            handle.state = ActorState.RUNNING
-                            handle.started_at = time.time()
-                            bound.debug("actor started", restarts=handle.restarts)
-                            if not reported:
-                                reported = True
-                                task_status.started(handle)
-                        if handle.stopping.is_set():
-                            handle.state = ActorState.STOPPED
-                            return
-                        raise RuntimeError("actor returned without being asked to stop")
-                    except Exception as exc:
-                        error = _describe_error(exc)
-                        handle.last_error = error
-                        handle.last_error_at = time.time()
-                        if handle.stopping.is_set():
-                            bound.warning("actor failed while stopping", error=error)
-                            handle.state = ActorState.STOPPED
-                            return
-                        now = trio.current_time()
-                        handle.crash_times.append(now)
-                        while handle.crash_times and handle.crash_times[0] < now - self.policy.crash_window:
-                            handle.crash_times.popleft()
-                        if len(handle.crash_times) >= self.policy.max_crashes:
-                            handle.state = ActorState.FAILED
-                            bound.error("actor keeps crashing; giving up", error=error, exc_info=exc)
-                            raise ActorEscalation(
-                                name, len(handle.crash_times), self.policy.crash_window, error
-                            ) from exc
-                        # Backoff grows with the crashes inside the window; an actor that
-                        # ran quietly for a whole window starts again from backoff_initial.
-                        delay = self.backoff(len(handle.crash_times))
-                        handle.state = ActorState.BACKOFF
-                        bound.error("actor crashed; restarting", error=error, delay=round(delay, 3), exc_info=exc)
-                        with trio.move_on_after(delay):
-                            await handle.stopping.wait()
-                        if handle.stopping.is_set():
-                            handle.state = ActorState.STOPPED
-                            return
-                        handle.restarts += 1
+            while True:
+                ctx = ActorContext(name, Heartbeat(self.policy.heartbeat_interval), handle.stopping)
+                handle.heartbeat = ctx.heartbeat
+                handle.state = ActorState.STARTING
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(factory(ctx).run)
+                        ctx.heartbeat.beat()
+                        handle.state = ActorState.RUNNING
+                        handle.started_at = time.time()
+                        bound.debug("actor started", restarts=handle.restarts)
+                        if not reported:
+                            reported = True
+                            task_status.started(handle)
+                    if handle.stopping.is_set():
+                        handle.state = ActorState.STOPPED
+                        return
+                    raise RuntimeError("actor returned without being asked to stop")
+                except Exception as exc:
+                    error = _describe_error(exc)
+                    handle.last_error = error
+                    handle.last_error_at = time.time()
+                    if handle.stopping.is_set():
+                        bound.warning("actor failed while stopping", error=error)
+                        handle.state = ActorState.STOPPED
+                        return
+                    now = trio.current_time()
+                    handle.crash_times.append(now)
+                    while handle.crash_times and handle.crash_times[0] < now - self.policy.crash_window:
+                        handle.crash_times.popleft()
+                    if len(handle.crash_times) >= self.policy.max_crashes:
+                        handle.state = ActorState.FAILED
+                        bound.error("actor keeps crashing; giving up", error=error, exc_info=exc)
+                        raise ActorEscalation(
+                            name, len(handle.crash_times), self.policy.crash_window, error
+                        ) from exc
+                    # Backoff grows with the crashes inside the window; an actor that
+                    # ran quietly for a whole window starts again from backoff_initial.
+                    delay = self.backoff(len(handle.crash_times))
+                    handle.state = ActorState.BACKOFF
+                    bound.error("actor crashed; restarting", error=error, delay=round(delay, 3), exc_info=exc)
+                    with trio.move_on_after(delay):
+                        await handle.stopping.wait()
+                    if handle.stopping.is_set():
+                        handle.state = ActorState.STOPPED
+                        return
+                    handle.restarts += 1
         finally:
             if handle.state not in (ActorState.STOPPED, ActorState.FAILED):
                 handle.state = ActorState.STOPPED
