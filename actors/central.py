@@ -78,7 +78,9 @@ class Target:
     @classmethod
     def parse(cls, spec: Any, known_classes: set[str]) -> Target:
         if not isinstance(spec, Mapping) or not spec:
-            raise Rejected("target", "must be a map with one of devices, users, classes, filter, all")
+            raise Rejected(
+                "target", "must be a map with one of devices, users, classes, filter, all"
+            )
         keys = set(spec)
         unknown = keys - {"devices", "users", "classes", "filter", "all"}
         if unknown:
@@ -97,7 +99,11 @@ class Target:
             except RuleError as exc:
                 raise Rejected(exc.path, exc.message) from None
             return cls(filter=value)
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
             raise Rejected(f"target.{kind}", "must be a non-empty list of strings")
         if len(value) > MAX_LISTED_IDS:
             raise Rejected(f"target.{kind}", f"at most {MAX_LISTED_IDS} ids; use a class or filter")
@@ -231,7 +237,9 @@ class CentralActor:
             # The write still completes (all or nothing) but we cannot tell which: do not
             # invite a blind retry that could double the notification.
             log.error("push store timed out", error=str(exc))
-            await envelope.answer(Failed(f"storage did not confirm in time; the push may have been accepted: {exc}"))
+            await envelope.answer(
+                Failed(f"storage did not confirm in time; the push may have been accepted: {exc}")
+            )
             return
         except Exception as exc:
             log.exception("push could not be accepted")
@@ -264,7 +272,9 @@ class CentralActor:
             return
         try:
             prepared = [await self._resolve_small(row, target) for _, row, target in small]
-            await self.queue.create_many_with_items([(row, items) for row, items, _, _ in prepared], now=time.time())
+            await self.queue.create_many_with_items(
+                [(row, items) for row, items, _, _ in prepared], now=time.time()
+            )
         except Exception:
             log.exception("batched accept failed; accepting one at a time")
             for envelope, _, _ in small:
@@ -273,7 +283,12 @@ class CentralActor:
         for (envelope, _, _), (row, items, shards, sendable) in zip(small, prepared, strict=True):
             if shards:
                 self._note(Enqueued(shards=sorted(shards), count=sendable))
-            log.info("push accepted", message_id=row.message_id, targeted=len(items), priority=row.priority)
+            log.info(
+                "push accepted",
+                message_id=row.message_id,
+                targeted=len(items),
+                priority=row.priority,
+            )
             await envelope.answer(PushAccepted(message_id=row.message_id, targeted=len(items)))
 
     async def accept(self, msg: SubmitPush) -> PushAccepted:
@@ -315,11 +330,15 @@ class CentralActor:
             if msg.expiration <= now:
                 raise Rejected("expiration", "is in the past")
             if msg.expiration > now + MAX_TTL:
-                raise Rejected("expiration", "is more than 30 days ahead (APNs stores at most 30 days)")
+                raise Rejected(
+                    "expiration", "is more than 30 days ahead (APNs stores at most 30 days)"
+                )
             expiration = float(msg.expiration)
         elif msg.ttl is not None:
             if not 0 < msg.ttl <= MAX_TTL:
-                raise Rejected("ttl", f"must be more than 0 and at most {MAX_TTL} seconds (30 days)")
+                raise Rejected(
+                    "ttl", f"must be more than 0 and at most {MAX_TTL} seconds (30 days)"
+                )
             expiration = now + msg.ttl
         else:
             expiration = now + live.default_ttl
@@ -334,7 +353,9 @@ class CentralActor:
         if msg.follow_up is not None:
             try:
                 follow_up = FollowUp.parse(
-                    msg.follow_up, default_deadline=live.default_deadline, default_max=live.max_repushes
+                    msg.follow_up,
+                    default_deadline=live.default_deadline,
+                    default_max=live.max_repushes,
                 )
             except FollowUpError as exc:
                 raise Rejected(exc.field, exc.message) from None
@@ -348,7 +369,9 @@ class CentralActor:
                     raise Rejected("follow_up.reminder.push_type", "must be the push's push type")
                 reminder_category = category_of(reminder, None)
                 if reminder_category is not None and reminder_category != meta["category"]:
-                    raise Rejected("follow_up.reminder.aps.category", "must be the push's category (or absent)")
+                    raise Rejected(
+                        "follow_up.reminder.aps.category", "must be the push's category (or absent)"
+                    )
             meta["follow_up"] = follow_up.to_dict()
         if msg.parent_id is not None:
             meta["parent_id"] = msg.parent_id
@@ -412,13 +435,19 @@ class CentralActor:
                 # One bad message must not take central down with it: it is tried again
                 # (idempotent) a few times, then the failure is recorded and skipped.
                 self._failures[message_id] = self._failures.get(message_id, 0) + 1
-                log.exception("fan-out failed", message_id=message_id, attempt=self._failures[message_id])
+                log.exception(
+                    "fan-out failed", message_id=message_id, attempt=self._failures[message_id]
+                )
                 if self._failures.get(message_id, 0) >= FANOUT_ATTEMPTS:
                     del self._failures[message_id]
                     await self.queue.store.execute(
                         "UPDATE messages SET fanout_done = -1 WHERE message_id = ?", (message_id,)
                     )
-                    log.error("fan-out given up", message_id=message_id, error=f"{type(exc).__name__}: {exc}")
+                    log.error(
+                        "fan-out given up",
+                        message_id=message_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
 
     def _items(
         self, message: MessageRow, spec: Target, batch: list[DeviceRecord]
@@ -427,7 +456,9 @@ class CentralActor:
         sendable items, how many are sendable). Devices that may not receive the message
         become skipped items with their reason; devices outside the target are dropped."""
         live = self.live.current
-        target_filter = compile_rule(spec.filter, "target.filter") if spec.filter is not None else None
+        target_filter = (
+            compile_rule(spec.filter, "target.filter") if spec.filter is not None else None
+        )
         category = message.meta.get("category")
         items: list[ItemRow] = []
         shards: set[int] = set()
@@ -444,10 +475,21 @@ class CentralActor:
             )
             if verdict.reason == "not_targeted":
                 continue
-            code = IdCode(message.message_id, record.device_id, record.user_id, verdict.class_id or UNCLASSIFIED, issued)
+            code = IdCode(
+                message.message_id,
+                record.device_id,
+                record.user_id,
+                verdict.class_id or UNCLASSIFIED,
+                issued,
+            )
             shard = live.shard_of(record.device_id, record.attributes)
             items.append(
-                ItemRow(device_id=record.device_id, shard=shard, idcode=live.codes.seal(code), skip_reason=verdict.reason)
+                ItemRow(
+                    device_id=record.device_id,
+                    shard=shard,
+                    idcode=live.codes.seal(code),
+                    skip_reason=verdict.reason,
+                )
             )
             if verdict.reason is None:
                 shards.add(shard)
@@ -455,7 +497,9 @@ class CentralActor:
         return items, shards, sendable
 
     def _target_of(self, message: MessageRow) -> Target:
-        known = {c.id for c in self.live.current.classifier.classes} | set(message.target.get("classes", []))
+        known = {c.id for c in self.live.current.classifier.classes} | set(
+            message.target.get("classes", [])
+        )
         return Target.parse(message.target, known)
 
     async def _resolve_small(
@@ -467,7 +511,9 @@ class CentralActor:
             found = await self.registry.get_many(target.devices)
             records = [r for r in found.values() if r.topic == topic and r.active]
         else:
-            async for batch in self.registry.targets(user_ids=target.users, topic=topic, batch=SMALL_TARGET):
+            async for batch in self.registry.targets(
+                user_ids=target.users, topic=topic, batch=SMALL_TARGET
+            ):
                 records.extend(batch)
         items, shards, sendable = self._items(row, target, records)
         return dataclasses.replace(row, audience=len(items)), items, shards, sendable

@@ -86,7 +86,10 @@ def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal
     category = message.meta.get("category")
     if not record.permissions.permits(message.push_type, category):
         return Refusal("skipped", "permission_withdrawn")
-    if live.apns_environment in ("production", "sandbox") and record.environment != live.apns_environment:
+    if (
+        live.apns_environment in ("production", "sandbox")
+        and record.environment != live.apns_environment
+    ):
         return Refusal("skipped", "wrong_environment")
     return None
 
@@ -175,7 +178,11 @@ class NodeActor:
                 old.retire()  # cancelled once the lanes still using it are done with it
             limit = max(1, live.node_batch // max(1, live.node_lanes))
             items = await self.queue.lease(
-                shard=self.index, owner=self.name, limit=limit, now=time.time(), lease_seconds=live.lease_seconds
+                shard=self.index,
+                owner=self.name,
+                limit=limit,
+                now=time.time(),
+                lease_seconds=live.lease_seconds,
             )
             if items:
                 if len(items) == limit:
@@ -197,7 +204,9 @@ class NodeActor:
         assert live.sender_config is not None, "no APNs sender configured"
         handle = SenderHandle(Sender(live.sender_config()), live.apns_generation)
 
-        async def run_sender(*, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run_sender(
+            *, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED
+        ) -> None:
             with handle.scope:
                 await handle.sender.run(task_status=task_status)
 
@@ -227,8 +236,12 @@ class NodeActor:
 
         followups: list[FollowUpOutcome] = []
 
-        def final(item: LeasedItem, state: str, outcome: str, reason: str | None, apns_id: str | None) -> None:
-            results.append(ItemResult(item.item_id, state, outcome=outcome, reason=reason, apns_id=apns_id))  # type: ignore[arg-type]
+        def final(
+            item: LeasedItem, state: str, outcome: str, reason: str | None, apns_id: str | None
+        ) -> None:
+            results.append(
+                ItemResult(item.item_id, state, outcome=outcome, reason=reason, apns_id=apns_id)  # type: ignore[arg-type]
+            )
             record = records.get(item.device_id)
             if "follow_up" in item.message.meta:
                 user_id = record.user_id if record else ""
@@ -263,7 +276,13 @@ class NodeActor:
             refusal = verify(item, record, live)
             if refusal is not None:
                 self._log.info("not sent", message_id=item.message_id, reason=refusal.reason)
-                final(item, refusal.state, "skipped" if refusal.state == "skipped" else "dead", refusal.reason, None)
+                final(
+                    item,
+                    refusal.state,
+                    "skipped" if refusal.state == "skipped" else "dead",
+                    refusal.reason,
+                    None,
+                )
                 continue
             assert record is not None
             encoded = self._encode(item)
@@ -318,7 +337,9 @@ class NodeActor:
         elif klass is OutcomeClass.TOKEN_DEAD:
             final(item, "failed", str(klass), reason, apns_id)
         elif klass is OutcomeClass.REJECTED:
-            self._log.warning("rejected by APNs", message_id=item.message_id, apns_id=apns_id, reason=reason)
+            self._log.warning(
+                "rejected by APNs", message_id=item.message_id, apns_id=apns_id, reason=reason
+            )
             final(item, "failed", str(klass), reason, apns_id)
         else:  # RETRY, CREDENTIALS
             if klass is OutcomeClass.CREDENTIALS:

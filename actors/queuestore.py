@@ -232,9 +232,13 @@ class QueueStore:
         Items with a ``skip_reason`` are stored as skipped in the same transaction, so no
         node can lease them in between.
         """
-        return await self.store.transaction(lambda conn: self._enqueue_in(conn, message_id, items, now))
+        return await self.store.transaction(
+            lambda conn: self._enqueue_in(conn, message_id, items, now)
+        )
 
-    async def create_with_items(self, msg: MessageRow, items: Sequence[ItemRow], *, now: float) -> int:
+    async def create_with_items(
+        self, msg: MessageRow, items: Sequence[ItemRow], *, now: float
+    ) -> int:
         """A message, all its items and the end of its fan-out in ONE transaction (the
         fast path for small targets: one write instead of three). Returns items added."""
         return (await self.create_many_with_items([(msg, items)], now=now))[0]
@@ -250,7 +254,9 @@ class QueueStore:
             for msg, items in batch:
                 self._create_in(conn, msg)
                 added.append(self._enqueue_in(conn, msg.message_id, items, now) if items else 0)
-                conn.execute("UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (msg.message_id,))
+                conn.execute(
+                    "UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (msg.message_id,)
+                )
                 if not items:
                     _settle(conn, [msg.message_id], now)
             return added
