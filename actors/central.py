@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sqlite3
 import time
 import uuid
 from collections.abc import Mapping
@@ -271,10 +272,7 @@ class CentralActor:
         if not small:
             return
         try:
-            prepared = [await self._resolve_small(row, target) for _, row, target in small]
-            await self.queue.create_many_with_items(
-                [(row, items) for row, items, _, _ in prepared], now=time.time()
-            )
+            prepared = await self._store_small([(row, target) for _, row, target in small])
         except Exception:
             log.exception("batched accept failed; accepting one at a time")
             for envelope, _, _ in small:
@@ -502,27 +500,37 @@ class CentralActor:
         )
         return Target.parse(message.target, known)
 
-    async def _resolve_small(
-        self, row: MessageRow, target: Target
-    ) -> tuple[MessageRow, list[ItemRow], set[int], int]:
-        topic = row.notification["topic"]
-        records: list[DeviceRecord] = []
-        if target.devices is not None:  # one indexed read
-            found = await self.registry.get_many(target.devices)
-            records = [r for r in found.values() if r.topic == topic and r.active]
-        else:
-            async for batch in self.registry.targets(
-                user_ids=target.users, topic=topic, batch=SMALL_TARGET
-            ):
-                records.extend(batch)
-        items, shards, sendable = self._items(row, target, records)
-        return dataclasses.replace(row, audience=len(items)), items, shards, sendable
+    async def _store_small(
+        self, pushes: list[tuple[MessageRow, Target]]
+    ) -> list[tuple[MessageRow, list[ItemRow], set[int], int]]:
+        """Resolve, classify and seal small targets and store them, messages and items, in
+        ONE transaction (one trip to the database thread for a whole burst)."""
+        now = time.time()
+
+        def write(
+            conn: sqlite3.Connection,
+        ) -> list[tuple[MessageRow, list[ItemRow], set[int], int]]:
+            prepared = []
+            for row, target in pushes:
+                topic = row.notification["topic"]
+                if target.devices is not None:
+                    found = Registry.records_in(conn, target.devices)
+                    records = [r for r in found.values() if r.topic == topic and r.active]
+                else:
+                    records = Registry.devices_of_users_in(conn, target.users or (), topic=topic)
+                items, shards, sendable = self._items(row, target, records)
+                prepared.append(
+                    (dataclasses.replace(row, audience=len(items)), items, shards, sendable)
+                )
+            self.queue.create_many_in(conn, [(row, items) for row, items, _, _ in prepared], now)
+            return prepared
+
+        return await self.queue.store.transaction(write)
 
     async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
         """Listed device or user ids: resolve, classify and store the message with all its
         items in one transaction, so it is in the queue the moment it is acknowledged."""
-        row, items, shards, sendable = await self._resolve_small(row, target)
-        await self.queue.create_with_items(row, items, now=time.time())
+        ((row, items, shards, sendable),) = await self._store_small([(row, target)])
         if shards:
             self._note(Enqueued(shards=sorted(shards), count=sendable))
         return PushAccepted(message_id=row.message_id, targeted=len(items))

@@ -22,6 +22,8 @@ the queue, and what it leased but could not finish is reclaimed when the lease r
 from __future__ import annotations
 
 import contextlib
+import functools
+import sqlite3
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -92,6 +94,18 @@ def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal
     ):
         return Refusal("skipped", "wrong_environment")
     return None
+
+
+@dataclass
+class Round:
+    """One batch's outcomes, written in the transaction that leases the next batch."""
+
+    results: list[ItemResult]
+    followups: list[FollowUpOutcome]
+    retries: dict[tuple[float, str], list[int]]  # (delay, reason) -> item ids
+    dead_tokens: list[tuple[str, int]]  # (token, APNs timestamp in ms)
+    delivered: list[Delivered]
+    now: float
 
 
 class SenderHandle:
@@ -169,35 +183,92 @@ class NodeActor:
             self._kick_send.send_nowait(None)
 
     async def _lane(self, lane: int) -> None:
-        while not self.ctx.stopping.is_set():
+        done: Round | None = None  # the last batch's outcomes, not yet written
+        while True:
             self.ctx.heartbeat.beat()
+            stopping = self.ctx.stopping.is_set()
             live = self.live.current
-            if live.apns_generation != self._current.generation and lane == 0:
+            if not stopping and live.apns_generation != self._current.generation and lane == 0:
                 self._log.info("APNs settings changed; replacing sender")
                 old, self._current = self._current, await self._start_sender()
                 old.retire()  # cancelled once the lanes still using it are done with it
-            limit = max(1, live.node_batch // max(1, live.node_lanes))
-            items = await self.queue.lease(
-                shard=self.index,
-                owner=self.name,
-                limit=limit,
-                now=time.time(),
-                lease_seconds=live.lease_seconds,
-            )
+            limit = 0 if stopping else max(1, live.node_batch // max(1, live.node_lanes))
+            items: list[LeasedItem] = []
+            records: dict[str, DeviceRecord] = {}
+            if done is not None or limit:
+                # One trip to the database thread per round: the last batch's outcomes
+                # and the next lease (with its devices' records) in one transaction.
+                items, records = await self.queue.store.transaction(
+                    functools.partial(
+                        self._finish_and_lease,
+                        done=done,
+                        limit=limit,
+                        now=time.time(),
+                        lease_seconds=live.lease_seconds,
+                    )
+                )
+                if done is not None:
+                    self._report(done)
+                    done = None
+            if stopping:
+                return
             if items:
                 if len(items) == limit:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
                 handle = self._current
                 handle.users += 1
                 try:
-                    await self.process(items, handle.sender)
+                    done = await self.process(items, records, handle.sender)
                 finally:
                     handle.release()
-                if len(items) == limit:
-                    continue
+                continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
             # for one heartbeat interval, whichever comes first; then lease again.
             await receive_unless_stopping(self.ctx, self._kick_recv, self.ctx.heartbeat.interval)
+
+    def _finish_and_lease(
+        self,
+        conn: sqlite3.Connection,
+        done: Round | None,
+        *,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+    ) -> tuple[list[LeasedItem], dict[str, DeviceRecord]]:
+        """In the database thread, one transaction: record a finished batch (follow-ups
+        first, see actors.analyzer.record_outcomes; dead tokens; final outcomes; retries),
+        then lease up to ``limit`` items and read their devices' current records."""
+        if done is not None:
+            if done.followups:
+                record_outcomes(conn, done.followups, done.now)
+            for token, at_ms in done.dead_tokens:
+                Registry.retire_token_in(conn, token, at_ms)
+            if done.results:
+                QueueStore.ack_in(conn, done.results, done.now)
+            for (delay, reason), ids in done.retries.items():
+                QueueStore.retry_in(
+                    conn, ids, not_before=done.now + delay, reason=reason, now=done.now
+                )
+        if not limit:
+            return [], {}
+        items = self.queue.lease_in(
+            conn,
+            shard=self.index,
+            owner=self.name,
+            limit=limit,
+            now=now,
+            lease_seconds=lease_seconds,
+        )
+        return items, Registry.records_in(conn, {item.device_id for item in items}) if items else {}
+
+    def _report(self, done: Round) -> None:
+        # Delivery records are informational for the analyzer (its state is already
+        # durable): never block sending on a busy analyzer.
+        for d in done.delivered:
+            try:
+                self.deliveries.send_nowait(d)
+            except trio.WouldBlock:
+                self.counters["delivery_records_dropped"] += 1
 
     async def _start_sender(self) -> SenderHandle:
         live = self.live.current
@@ -225,12 +296,16 @@ class NodeActor:
                 self._encoded.popitem(last=False)
         return cached
 
-    async def process(self, items: list[LeasedItem], sender: Sender) -> None:
+    async def process(
+        self, items: list[LeasedItem], records: dict[str, DeviceRecord], sender: Sender
+    ) -> Round:
+        """Verify, re-check and send one leased batch; the outcomes, to be written with the
+        next lease (:meth:`_finish_and_lease`)."""
         live = self.live.current
-        records = await self.registry.get_many({item.device_id for item in items})
         results: list[ItemResult] = []
         delivered: list[Delivered] = []
-        retries: dict[float, list[tuple[int, str]]] = {}
+        retries: dict[tuple[float, str], list[int]] = {}
+        dead_tokens: list[tuple[str, int]] = []
         batch: list[tuple[LeasedItem, DeviceRecord, EncodedNotification]] = []
         now = time.time()
 
@@ -296,28 +371,9 @@ class NodeActor:
             now = time.time()
             for (item, record, enc), outcome in zip(batch, outcomes, strict=True):
                 self._record(item, record, enc, outcome, live, final, retries)
-            for (_, record, _), outcome in zip(batch, outcomes, strict=True):
                 if outcome.klass is OutcomeClass.TOKEN_DEAD:
-                    at_ms = outcome.timestamp_ms or int(now * 1000)
-                    await self.registry.retire_token(record.token, at_ms)
-        if followups:
-            # Follow-ups first, then the ack: see actors.analyzer.record_outcomes.
-            await self.queue.store.transaction(lambda conn: record_outcomes(conn, followups, now))
-        if results:
-            await self.queue.ack(results, now=now)
-        for delay, pairs in retries.items():
-            by_reason: dict[str, list[int]] = {}
-            for item_id, reason in pairs:
-                by_reason.setdefault(reason, []).append(item_id)
-            for reason, ids in by_reason.items():
-                await self.queue.retry(ids, not_before=now + delay, reason=reason, now=now)
-        # Delivery records are informational for the analyzer (its state is already
-        # durable): never block sending on a busy analyzer.
-        for d in delivered:
-            try:
-                self.deliveries.send_nowait(d)
-            except trio.WouldBlock:
-                self.counters["delivery_records_dropped"] += 1
+                    dead_tokens.append((record.token, outcome.timestamp_ms or int(now * 1000)))
+        return Round(results, followups, retries, dead_tokens, delivered, now)
 
     def _record(
         self,
@@ -327,7 +383,7 @@ class NodeActor:
         outcome: Outcome,
         live: Live,
         final: Any,
-        retries: dict[float, list[tuple[int, str]]],
+        retries: dict[tuple[float, str], list[int]],
     ) -> None:
         apns_id = outcome.apns_id or enc.apns_id
         reason = outcome.reason
@@ -350,5 +406,5 @@ class NodeActor:
                 delay = live.retry_delay(item.attempts)
                 if outcome.retry_after:
                     delay = max(delay, outcome.retry_after)
-                retries.setdefault(delay, []).append((item.item_id, reason or "ConnectionLost"))
+                retries.setdefault((delay, reason or "ConnectionLost"), []).append(item.item_id)
                 self.counters["retried"] += 1

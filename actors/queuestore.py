@@ -162,6 +162,12 @@ def _settle(conn: sqlite3.Connection, message_ids: Iterable[str], now: float) ->
         )
 
 
+def _check_final(results: Sequence[ItemResult]) -> None:
+    for result in results:
+        if result.state not in FINAL_STATES:
+            raise ValueError(f"ack state must be one of {sorted(FINAL_STATES)}")
+
+
 class QueueStore:
     """The durable queue over a :class:`~actors.storage.Store`; every write is one transaction."""
 
@@ -248,20 +254,25 @@ class QueueStore:
     ) -> list[int]:
         """Several messages with all their items in one transaction (a burst of small
         pushes costs one commit). All or nothing. Returns the items added per message."""
+        return await self.store.transaction(lambda conn: self.create_many_in(conn, batch, now))
 
-        def write(conn: sqlite3.Connection) -> list[int]:
-            added = []
-            for msg, items in batch:
-                self._create_in(conn, msg)
-                added.append(self._enqueue_in(conn, msg.message_id, items, now) if items else 0)
-                conn.execute(
-                    "UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (msg.message_id,)
-                )
-                if not items:
-                    _settle(conn, [msg.message_id], now)
-            return added
-
-        return await self.store.transaction(write)
+    def create_many_in(
+        self,
+        conn: sqlite3.Connection,
+        batch: Sequence[tuple[MessageRow, Sequence[ItemRow]]],
+        now: float,
+    ) -> list[int]:
+        """:meth:`create_many_with_items` inside the caller's transaction."""
+        added = []
+        for msg, items in batch:
+            self._create_in(conn, msg)
+            added.append(self._enqueue_in(conn, msg.message_id, items, now) if items else 0)
+            conn.execute(
+                "UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (msg.message_id,)
+            )
+            if not items:
+                _settle(conn, [msg.message_id], now)
+        return added
 
     def _enqueue_in(
         self, conn: sqlite3.Connection, message_id: str, items: Sequence[ItemRow], now: float
@@ -320,51 +331,73 @@ class QueueStore:
         """
         if limit < 1:
             return []
-        until = now + lease_seconds
-
-        def write(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
-            conn.execute(
-                """UPDATE items SET deferred = 0
-                   WHERE shard = ? AND state = 'queued' AND deferred = 1 AND not_before <= ?""",
-                (shard, now),
+        return await self.store.transaction(
+            lambda conn: self.lease_in(
+                conn, shard=shard, owner=owner, limit=limit, now=now, lease_seconds=lease_seconds
             )
-            rows = conn.execute(
-                """UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
-                       attempts = attempts + 1, updated_at = ?
-                   WHERE item_id IN (
-                       SELECT item_id FROM items INDEXED BY items_ready
-                       WHERE shard = ? AND state = 'queued' AND deferred = 0
-                       ORDER BY rank LIMIT ?)
-                   RETURNING item_id, message_id, device_id, shard, idcode, priority,
-                       enqueued_at, attempts, rank""",
-                (owner, until, now, shard, limit),
-            ).fetchall()
-            message_ids = sorted({r["message_id"] for r in rows})
-            messages = []
-            for chunk in _chunks(message_ids):
-                messages += conn.execute(
-                    f"SELECT * FROM messages WHERE message_id IN ({_marks(len(chunk))})", chunk
-                ).fetchall()
-            expired = {
-                m["message_id"]
-                for m in messages
-                if m["expiration"] is not None and m["expiration"] <= now
-            }
-            if expired:
-                conn.executemany(
-                    """UPDATE items SET state = 'expired', outcome = 'expired',
-                           reason = 'Expired', lease_owner = NULL, lease_until = NULL,
-                           attempts = attempts - 1, updated_at = ?
-                       WHERE item_id = ?""",
-                    [(now, r["item_id"]) for r in rows if r["message_id"] in expired],
-                )
-                _settle(conn, expired, now)
-            live = [r for r in rows if r["message_id"] not in expired]
-            return live, [m for m in messages if m["message_id"] not in expired]
+        )
 
-        rows, message_rows = await self.store.transaction(write)
-        messages = {m["message_id"]: _message_from_row(m) for m in message_rows}
-        rows.sort(key=lambda r: (r["rank"], r["item_id"]))
+    def lease_in(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        shard: int,
+        owner: str,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+    ) -> list[LeasedItem]:
+        """:meth:`lease` inside the caller's transaction."""
+        if limit < 1:
+            return []
+        until = now + lease_seconds
+        conn.execute(
+            """UPDATE items SET deferred = 0
+               WHERE shard = ? AND state = 'queued' AND deferred = 1 AND not_before <= ?""",
+            (shard, now),
+        )
+        rows = conn.execute(
+            """UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
+                   attempts = attempts + 1, updated_at = ?
+               WHERE item_id IN (
+                   SELECT item_id FROM items INDEXED BY items_ready
+                   WHERE shard = ? AND state = 'queued' AND deferred = 0
+                   ORDER BY rank LIMIT ?)
+               RETURNING item_id, message_id, device_id, shard, idcode, priority,
+                   enqueued_at, attempts, rank""",
+            (owner, until, now, shard, limit),
+        ).fetchall()
+        if not rows:
+            return []
+        message_ids = sorted({r["message_id"] for r in rows})
+        message_rows = []
+        for chunk in _chunks(message_ids):
+            message_rows += conn.execute(
+                f"SELECT * FROM messages WHERE message_id IN ({_marks(len(chunk))})", chunk
+            ).fetchall()
+        expired = {
+            m["message_id"]
+            for m in message_rows
+            if m["expiration"] is not None and m["expiration"] <= now
+        }
+        if expired:
+            conn.executemany(
+                """UPDATE items SET state = 'expired', outcome = 'expired',
+                       reason = 'Expired', lease_owner = NULL, lease_until = NULL,
+                       attempts = attempts - 1, updated_at = ?
+                   WHERE item_id = ?""",
+                [(now, r["item_id"]) for r in rows if r["message_id"] in expired],
+            )
+            _settle(conn, expired, now)
+        messages = {
+            m["message_id"]: _message_from_row(m)
+            for m in message_rows
+            if m["message_id"] not in expired
+        }
+        live = sorted(
+            (r for r in rows if r["message_id"] in messages),
+            key=lambda r: (r["rank"], r["item_id"]),
+        )
         return [
             LeasedItem(
                 item_id=r["item_id"],
@@ -378,7 +411,7 @@ class QueueStore:
                 lease_owner=owner,
                 lease_until=until,
             )
-            for r in rows
+            for r in live
         ]
 
     async def ack(self, results: Sequence[ItemResult], *, now: float) -> int:
@@ -387,48 +420,59 @@ class QueueStore:
         An item already final is left alone; a late ack for an item whose lease ran out
         and was reclaimed still records the outcome (it was delivered: don't send twice).
         """
-        for result in results:
-            if result.state not in FINAL_STATES:
-                raise ValueError(f"ack state must be one of {sorted(FINAL_STATES)}")
+        _check_final(results)
+        return await self.store.transaction(lambda conn: self.ack_in(conn, results, now))
 
-        def write(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            touched: list[str] = []
-            for chunk in _chunks(results):
-                touched += [
-                    r["message_id"]
-                    for r in conn.execute(
-                        f"SELECT DISTINCT message_id FROM items "
-                        f"WHERE item_id IN ({_marks(len(chunk))})",
-                        [r.item_id for r in chunk],
-                    )
-                ]
-            conn.executemany(
-                """UPDATE items SET state = ?, outcome = ?, reason = ?, apns_id = ?,
-                       lease_owner = NULL, lease_until = NULL, updated_at = ?
-                   WHERE item_id = ? AND state IN ('queued', 'leased')""",
-                [(r.state, r.outcome, r.reason, r.apns_id, now, r.item_id) for r in results],
-            )
-            changed = conn.total_changes - before
-            _settle(conn, touched, now)
-            return changed
-
-        return await self.store.transaction(write)
+    @staticmethod
+    def ack_in(conn: sqlite3.Connection, results: Sequence[ItemResult], now: float) -> int:
+        """:meth:`ack` inside the caller's transaction."""
+        _check_final(results)
+        before = conn.total_changes
+        touched: list[str] = []
+        for chunk in _chunks(results):
+            touched += [
+                r["message_id"]
+                for r in conn.execute(
+                    f"SELECT DISTINCT message_id FROM items WHERE item_id IN ({_marks(len(chunk))})",
+                    [r.item_id for r in chunk],
+                )
+            ]
+        conn.executemany(
+            """UPDATE items SET state = ?, outcome = ?, reason = ?, apns_id = ?,
+                   lease_owner = NULL, lease_until = NULL, updated_at = ?
+               WHERE item_id = ? AND state IN ('queued', 'leased')""",
+            [(r.state, r.outcome, r.reason, r.apns_id, now, r.item_id) for r in results],
+        )
+        changed = conn.total_changes - before
+        _settle(conn, touched, now)
+        return changed
 
     async def retry(
         self, item_ids: Sequence[int], *, not_before: float, reason: str, now: float
     ) -> int:
         """Put leased items back in the queue, not to be leased before ``not_before``."""
         return await self.store.transaction(
-            lambda conn: (
-                conn.executemany(
-                    """UPDATE items SET state = 'queued', not_before = ?, deferred = ?,
-                       reason = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?
-                   WHERE item_id = ? AND state = 'leased'""",
-                    [(not_before, not_before > now, reason, now, i) for i in item_ids],
-                ).rowcount
+            lambda conn: self.retry_in(
+                conn, item_ids, not_before=not_before, reason=reason, now=now
             )
         )
+
+    @staticmethod
+    def retry_in(
+        conn: sqlite3.Connection,
+        item_ids: Sequence[int],
+        *,
+        not_before: float,
+        reason: str,
+        now: float,
+    ) -> int:
+        """:meth:`retry` inside the caller's transaction."""
+        return conn.executemany(
+            """UPDATE items SET state = 'queued', not_before = ?, deferred = ?,
+               reason = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?
+           WHERE item_id = ? AND state = 'leased'""",
+            [(not_before, not_before > now, reason, now, i) for i in item_ids],
+        ).rowcount
 
     async def expire_due(self, now: float) -> int:
         """Mark queued items of messages past their expiration as expired; returns count."""

@@ -463,22 +463,23 @@ class Registry:
     async def retire_token(self, token: str, at_ms: int) -> int:
         """APNs declared ``token`` dead at ``at_ms``: retire the device holding it unless it
         registered after that. Returns how many devices were retired (0 or 1)."""
+        return await self.store.transaction(lambda conn: self.retire_token_in(conn, token, at_ms))
+
+    @staticmethod
+    def retire_token_in(conn: sqlite3.Connection, token: str, at_ms: int) -> int:
+        """:meth:`retire_token` inside the caller's transaction."""
         token = token.lower()
-
-        def write(conn: sqlite3.Connection) -> int:
-            conn.execute(
-                """INSERT INTO retired_tokens (token, retired_at_ms) VALUES (?, ?)
-                   ON CONFLICT (token) DO UPDATE
-                   SET retired_at_ms = max(retired_at_ms, excluded.retired_at_ms)""",
-                (token, at_ms),
-            )
-            return conn.execute(
-                """UPDATE devices SET retired_at_ms = ?
-                   WHERE token = ? AND updated_at_ms <= ? AND retired_at_ms IS NULL""",
-                (at_ms, token, at_ms),
-            ).rowcount
-
-        return await self.store.transaction(write)
+        conn.execute(
+            """INSERT INTO retired_tokens (token, retired_at_ms) VALUES (?, ?)
+               ON CONFLICT (token) DO UPDATE
+               SET retired_at_ms = max(retired_at_ms, excluded.retired_at_ms)""",
+            (token, at_ms),
+        )
+        return conn.execute(
+            """UPDATE devices SET retired_at_ms = ?
+               WHERE token = ? AND updated_at_ms <= ? AND retired_at_ms IS NULL""",
+            (at_ms, token, at_ms),
+        ).rowcount
 
     async def unregister(self, device_id: str) -> bool:
         """Forget a device (its user stays). Returns whether it was there."""
@@ -490,16 +491,37 @@ class Registry:
     async def get_many(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
         """The records of those device ids that are registered, by device id."""
         ids = list(dict.fromkeys(device_ids))
+        return await self.store.read(lambda conn: self.records_in(conn, ids))
 
-        def read(conn: sqlite3.Connection) -> dict[str, DeviceRecord]:
-            found: dict[str, DeviceRecord] = {}
-            for chunk in _chunked(ids, _SQL_CHUNK):
-                marks = ",".join("?" * len(chunk))
-                for row in conn.execute(_SELECT + f" WHERE d.device_id IN ({marks})", chunk):
-                    found[row["device_id"]] = _record(row)
-            return found
+    @staticmethod
+    def records_in(conn: sqlite3.Connection, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
+        """:meth:`get_many` inside the caller's transaction (or snapshot)."""
+        found: dict[str, DeviceRecord] = {}
+        for chunk in _chunked(dict.fromkeys(device_ids), _SQL_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for row in conn.execute(_SELECT + f" WHERE d.device_id IN ({marks})", chunk):
+                found[row["device_id"]] = _record(row)
+        return found
 
-        return await self.store.read(read)
+    @staticmethod
+    def devices_of_users_in(
+        conn: sqlite3.Connection, user_ids: Iterable[str], *, topic: str
+    ) -> list[DeviceRecord]:
+        """The active devices of ``topic`` of those users, by device id (for small targets;
+        :meth:`targets` streams large ones)."""
+        records: list[DeviceRecord] = []
+        for chunk in _chunked(dict.fromkeys(user_ids), _SQL_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            records += [
+                _record(row)
+                for row in conn.execute(
+                    _SELECT + f" WHERE d.user_id IN ({marks}) AND d.topic = ? "
+                    "AND d.retired_at_ms IS NULL ORDER BY d.device_id",
+                    [*chunk, topic],
+                )
+            ]
+        records.sort(key=lambda r: r.device_id)
+        return records
 
     async def targets(
         self,
