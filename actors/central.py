@@ -35,7 +35,7 @@ from actors.followup import FollowUp, FollowUpError
 from actors.idcode import IdCode
 from actors.live import LiveRef
 from actors.messages import Enqueued, Envelope, PushAccepted, SubmitPush
-from actors.queuestore import ItemRow, MessageRow, QueueStore
+from actors.queuestore import URGENT_PRIORITY, ItemRow, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.rules import Rule, RuleError, compile_rule
 from actors.storage import StorageTimeout
@@ -44,6 +44,7 @@ from apns.payload import InvalidNotification, Notification, PushType
 log = structlog.get_logger("actors.central")
 
 MAX_LISTED_IDS = 10_000
+CLASSIFY_SLICE = 100  # devices classified and sealed between two checkpoints in a fan-out
 SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
 ACCEPT_BATCH = 64  # pushes waiting in central's inbox stored together in one transaction
 UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches
@@ -280,7 +281,7 @@ class CentralActor:
             return
         for (envelope, _, _), (row, items, shards, sendable) in zip(small, prepared, strict=True):
             if shards:
-                self._note(Enqueued(shards=sorted(shards), count=sendable))
+                self._note(Enqueued(shards=sorted(shards), count=sendable, urgent=row.priority >= URGENT_PRIORITY))
             log.info(
                 "push accepted",
                 message_id=row.message_id,
@@ -298,7 +299,7 @@ class CentralActor:
             accepted = await self.accept_small(row, target)
         else:
             targeted = await self._count(target, row.notification["topic"])
-            await self.queue.create_message(dataclasses.replace(row, audience=targeted))
+            await self.queue.create_message(dataclasses.replace(row, audience=targeted), urgent=True)
             self._schedule()
             accepted = PushAccepted(message_id=row.message_id, targeted=targeted)
         log.info(
@@ -394,17 +395,18 @@ class CentralActor:
             total = 0
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                row = await self.queue.store.fetchone(
+                row = await self.queue.store.fetchone(  # an accept: skips bulk work
                     f"SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL "
                     f"AND {column} IN ({','.join('?' * len(chunk))})",
                     [topic, *chunk],
+                    urgent=True,
                 )
                 total += row[0] if row else 0
             return total
         # Broad targets: the candidates (devices of the app); the fan-out narrows them
         # down by class or filter, and `message` reports exact per-device outcomes.
-        row = await self.queue.store.fetchone(
-            "SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL", (topic,)
+        row = await self.queue.store.fetchone(  # an accept: skips bulk work
+            "SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL", (topic,), urgent=True
         )
         return row[0] if row else 0
 
@@ -525,14 +527,15 @@ class CentralActor:
             self.queue.create_many_in(conn, [(row, items) for row, items, _, _ in prepared], now)
             return prepared
 
-        return await self.queue.store.transaction(write)
+        # Accepting is what a waiting client sees: it skips the line of bulk store work.
+        return await self.queue.store.transaction(write, urgent=True)
 
     async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
         """Listed device or user ids: resolve, classify and store the message with all its
         items in one transaction, so it is in the queue the moment it is acknowledged."""
         ((row, items, shards, sendable),) = await self._store_small([(row, target)])
         if shards:
-            self._note(Enqueued(shards=sorted(shards), count=sendable))
+            self._note(Enqueued(shards=sorted(shards), count=sendable, urgent=row.priority >= URGENT_PRIORITY))
         return PushAccepted(message_id=row.message_id, targeted=len(items))
 
     async def fan_out(self, message_id: str) -> int:
@@ -551,13 +554,21 @@ class CentralActor:
             batch=self.live.current.store_batch,
         ):
             self.ctx.heartbeat.beat()
-            items, shards, sendable = self._items(message, spec, batch)
+            items, shards, sendable = [], set(), 0
+            for start in range(0, len(batch), CLASSIFY_SLICE):
+                # Classifying and sealing is pure CPU: give other tasks (an urgent accept)
+                # a turn between slices instead of holding the loop for a whole page.
+                await trio.lowlevel.checkpoint()
+                some, some_shards, some_sendable = self._items(message, spec, batch[start : start + CLASSIFY_SLICE])
+                items += some
+                shards |= some_shards
+                sendable += some_sendable
             if not items:
                 continue
             await self.queue.enqueue(message_id, items, now=time.time())
             total += len(items)
             if shards:
-                self._note(Enqueued(shards=sorted(shards), count=sendable))
+                self._note(Enqueued(shards=sorted(shards), count=sendable, urgent=message.priority >= URGENT_PRIORITY))
         await self.queue.store.execute(
             "UPDATE messages SET fanout_done = 1, audience = max(audience, ?) WHERE message_id = ?",
             (total, message_id),

@@ -71,6 +71,7 @@ class Enqueued:
     kind: ClassVar[str] = "enqueued"
     shards: list[int]
     count: int
+    urgent: bool = False  # some of it is priority 10: wake the express lanes
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,13 +22,14 @@ the queue, and what it leased but could not finish is reclaimed when the lease r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sqlite3
 import time
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
@@ -135,7 +136,7 @@ class NodeActor:
         ctx: ActorContext,
         *,
         index: int,
-        wake: trio.MemoryReceiveChannel[None],
+        wake: trio.MemoryReceiveChannel[bool],
         deliveries: trio.MemorySendChannel[Delivered],
         registry: Registry,
         queue: QueueStore,
@@ -153,37 +154,54 @@ class NodeActor:
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self._encoded: OrderedDict[str, EncodedNotification | InvalidNotification] = OrderedDict()
         self._log = log.bind(node=self.name)
+        self._urgent_backlog = False  # the express lane's last lease was a full one
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.wake, self.deliveries, trio.open_nursery() as nursery:
             self._senders = nursery
             self._current = await self._start_sender()
+            # The express lane's own connection: an urgent push is not queued behind a
+            # broadcast's streams (or its flow-control window) on a shared connection.
+            self._express = await self._start_sender(connections=1)
             # Wake-ups go to ONE idle lane (a lane that finds more work wakes the next), so a
             # wake does not cost every lane an empty lease.
             self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
+            self._express_send, self._express_recv = trio.open_memory_channel[None](1)
             task_status.started()
             async with trio.open_nursery() as lanes:
                 lanes.start_soon(self._waker)
                 # Several lanes lease and send concurrently, each a slice of the batch: a
-                # new urgent message waits for the next free lane, not for a whole batch.
+                # new message waits for the next free lane, not for a whole batch. The
+                # express lane leases only priority-10 items, so an urgent push does not
+                # wait for lanes busy with a broadcast.
                 async with trio.open_nursery() as work:
                     for lane in range(self.live.current.node_lanes):
                         work.start_soon(self._lane, lane)
+                    work.start_soon(functools.partial(self._lane, -1, express=True))
                 lanes.cancel_scope.cancel()
             self._current.retire()
+            self._express.retire()
             nursery.cancel_scope.cancel()
 
     async def _waker(self) -> None:
-        """Passes the queue's wake-ups (one-slot channel) on to the lanes."""
-        async for _ in self.wake:
+        """Passes the queue's wake-ups on to the lanes: urgent work to the express lane
+        (or, if that already has a wake-up pending, to an ordinary lane as well)."""
+        async for urgent in self.wake:
+            if urgent:
+                try:
+                    self._express_send.send_nowait(None)
+                    continue
+                except trio.WouldBlock:
+                    pass
             self._wake_a_lane()
 
     def _wake_a_lane(self) -> None:
         with contextlib.suppress(trio.WouldBlock):
             self._kick_send.send_nowait(None)
 
-    async def _lane(self, lane: int) -> None:
+    async def _lane(self, lane: int, *, express: bool = False) -> None:
         done: Round | None = None  # the last batch's outcomes, not yet written
+        kick = self._express_recv if express else self._kick_recv
         while True:
             self.ctx.heartbeat.beat()
             stopping = self.ctx.stopping.is_set()
@@ -192,6 +210,9 @@ class NodeActor:
                 self._log.info("APNs settings changed; replacing sender")
                 old, self._current = self._current, await self._start_sender()
                 old.retire()  # cancelled once the lanes still using it are done with it
+            if not stopping and live.apns_generation != self._express.generation and express:
+                old, self._express = self._express, await self._start_sender(connections=1)
+                old.retire()
             limit = 0 if stopping else max(1, live.node_batch // max(1, live.node_lanes))
             items: list[LeasedItem] = []
             records: dict[str, DeviceRecord] = {}
@@ -205,17 +226,23 @@ class NodeActor:
                         limit=limit,
                         now=time.time(),
                         lease_seconds=live.lease_seconds,
-                    )
+                        # Urgent items go to the express lane; the other lanes take them
+                        # too only while it has more than it can lease in one round.
+                        priorities="urgent" if express else "all" if self._urgent_backlog else "ordinary",
+                    ),
+                    urgent=express,
                 )
+                if express:
+                    self._urgent_backlog = len(items) == limit
                 if done is not None:
                     self._report(done)
                     done = None
             if stopping:
                 return
             if items:
-                if len(items) == limit:
+                if len(items) == limit and not express:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
-                handle = self._current
+                handle = self._express if express else self._current
                 handle.users += 1
                 try:
                     done = await self.process(items, records, handle.sender)
@@ -224,7 +251,7 @@ class NodeActor:
                 continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
             # for one heartbeat interval, whichever comes first; then lease again.
-            await receive_unless_stopping(self.ctx, self._kick_recv, self.ctx.heartbeat.interval)
+            await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
 
     def _finish_and_lease(
         self,
@@ -234,6 +261,7 @@ class NodeActor:
         limit: int,
         now: float,
         lease_seconds: float,
+        priorities: Literal["all", "urgent", "ordinary"] = "all",
     ) -> tuple[list[LeasedItem], dict[str, DeviceRecord]]:
         """In the database thread, one transaction: record a finished batch (follow-ups
         first, see actors.analyzer.record_outcomes; dead tokens; final outcomes; retries),
@@ -258,6 +286,7 @@ class NodeActor:
             limit=limit,
             now=now,
             lease_seconds=lease_seconds,
+            priorities=priorities,
         )
         return items, Registry.records_in(conn, {item.device_id for item in items}) if items else {}
 
@@ -270,10 +299,13 @@ class NodeActor:
             except trio.WouldBlock:
                 self.counters["delivery_records_dropped"] += 1
 
-    async def _start_sender(self) -> SenderHandle:
+    async def _start_sender(self, connections: int | None = None) -> SenderHandle:
         live = self.live.current
         assert live.sender_config is not None, "no APNs sender configured"
-        handle = SenderHandle(Sender(live.sender_config()), live.apns_generation)
+        config = live.sender_config()
+        if connections is not None:
+            config = dataclasses.replace(config, connections=connections)
+        handle = SenderHandle(Sender(config), live.apns_generation)
 
         async def run_sender(
             *, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED

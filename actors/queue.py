@@ -4,7 +4,8 @@ The queue itself is the ``items`` table (``actors.queuestore``); central writes 
 nodes lease from it directly. This actor keeps it moving:
 
 * wakes the node that owns a shard when central (or the analyzer) reports new work —
-  through each node's one-slot wake channel, so a burst of reports costs one wake-up;
+  through each node's small wake channel, so a burst of reports costs one wake-up; a
+  report of priority-10 work wakes the node's express lane;
 * every ``sweep_interval`` seconds: hands leases that ran out (a crashed or stopped node's
   work) back to the queue, marks items of expired messages as expired, moves work of
   shards no node owns any more (after the node count shrank) to a live shard, and wakes
@@ -29,12 +30,22 @@ from actors.queuestore import QueueStore
 log = structlog.get_logger("actors.queue")
 
 
-def wake(channels: Sequence[trio.MemorySendChannel[None]], shard: int) -> None:
-    """Non-blocking wake-up of the node owning ``shard`` (coalesces when one is pending)."""
+WAKE_SLOTS = 4  # a node's wake channel: ordinary wakes use at most half of it
+
+
+def wake(channels: Sequence[trio.MemorySendChannel[bool]], shard: int, urgent: bool = False) -> None:
+    """Non-blocking wake-up of the node owning ``shard``; ``urgent``: the new work includes
+    priority-10 items (for the node's express lane). Pending wakes coalesce: an ordinary
+    wake is dropped when two are pending, an urgent one only when the channel is full
+    (of wakes that will wake the express lane anyway), so a burst of ordinary wakes during
+    a fan-out never crowds out an urgent one."""
     if not channels:
         return
+    channel = channels[shard % len(channels)]
+    if not urgent and channel.statistics().current_buffer_used >= WAKE_SLOTS // 2:
+        return
     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        channels[shard % len(channels)].send_nowait(None)
+        channel.send_nowait(urgent)
 
 
 class QueueActor:
@@ -45,7 +56,7 @@ class QueueActor:
         inbox: trio.MemoryReceiveChannel[Enqueued],
         queue: QueueStore,
         live: LiveRef,
-        wakes: list[trio.MemorySendChannel[None]],
+        wakes: list[trio.MemorySendChannel[bool]],
     ) -> None:
         self.ctx = ctx
         self.inbox = inbox
@@ -54,22 +65,25 @@ class QueueActor:
         self.wakes = wakes  # shared list owned by the pipeline; index = shard
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.inbox:
+        async with self.inbox, trio.open_nursery() as nursery:
             await self.sweep()
+            # Housekeeping runs beside the wake-ups, never in front of them: a sweep waits
+            # for the database like any bulk work, and a wake must not wait for a sweep.
+            nursery.start_soon(self._sweeper)
             task_status.started()
-            next_sweep = trio.current_time()
             while not self.ctx.stopping.is_set():
                 self.ctx.heartbeat.beat()
-                now = trio.current_time()
-                if now >= next_sweep:
-                    await self.sweep()
-                    next_sweep = now + self.live.current.sweep_interval
-                wait = min(self.ctx.heartbeat.interval, max(0.0, next_sweep - now))
-                got, note = await receive_within(self.inbox, wait)
+                got, note = await receive_within(self.inbox, self.ctx.heartbeat.interval)
                 if got:
                     assert note is not None
                     for shard in note.shards:
-                        wake(self.wakes, shard)
+                        wake(self.wakes, shard, note.urgent)
+            nursery.cancel_scope.cancel()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await trio.sleep(self.live.current.sweep_interval)
+            await self.sweep()
 
     async def sweep(self) -> None:
         now = time.time()

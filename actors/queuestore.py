@@ -53,6 +53,7 @@ ITEM_STATES: Final[tuple[str, ...]] = (
     "skipped",
     "dead",
 )
+URGENT_PRIORITY: Final = 10  # items at this priority are also leased by express lanes
 FINAL_STATES: Final = frozenset({"sent", "failed", "skipped", "dead"})
 _SQL_CHUNK: Final = 500  # ids per IN (...) list, well under SQLite's variable limit
 
@@ -196,9 +197,9 @@ class QueueStore:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def create_message(self, msg: MessageRow) -> None:
+    async def create_message(self, msg: MessageRow, *, urgent: bool = False) -> None:
         """Store a message (idempotent: an existing message id is left as it is)."""
-        await self.store.transaction(lambda conn: self._create_in(conn, msg))
+        await self.store.transaction(lambda conn: self._create_in(conn, msg), urgent=urgent)
 
     @staticmethod
     def _create_in(conn: sqlite3.Connection, msg: MessageRow) -> None:
@@ -346,8 +347,12 @@ class QueueStore:
         limit: int,
         now: float,
         lease_seconds: float,
+        priorities: Literal["all", "urgent", "ordinary"] = "all",
     ) -> list[LeasedItem]:
-        """:meth:`lease` inside the caller's transaction."""
+        """:meth:`lease` inside the caller's transaction. ``priorities``: ``urgent`` leases
+        only items of priority :data:`URGENT_PRIORITY` (a node's express lane),
+        ``ordinary`` only the others (the node's other lanes while its express lane keeps
+        up with the urgent ones)."""
         if limit < 1:
             return []
         until = now + lease_seconds
@@ -356,13 +361,17 @@ class QueueStore:
                WHERE shard = ? AND state = 'queued' AND deferred = 1 AND not_before <= ?""",
             (shard, now),
         )
+        ready = {
+            "all": "items INDEXED BY items_ready WHERE shard = ? AND state = 'queued' AND deferred = 0",
+            "urgent": "items INDEXED BY items_urgent WHERE shard = ? AND state = 'queued' "
+            f"AND deferred = 0 AND priority >= {URGENT_PRIORITY:d}",
+            "ordinary": "items INDEXED BY items_ready WHERE shard = ? AND state = 'queued' "
+            f"AND deferred = 0 AND priority < {URGENT_PRIORITY:d}",
+        }[priorities]
         rows = conn.execute(
-            """UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
+            f"""UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
                    attempts = attempts + 1, updated_at = ?
-               WHERE item_id IN (
-                   SELECT item_id FROM items INDEXED BY items_ready
-                   WHERE shard = ? AND state = 'queued' AND deferred = 0
-                   ORDER BY rank LIMIT ?)
+               WHERE item_id IN (SELECT item_id FROM {ready} ORDER BY rank LIMIT ?)
                RETURNING item_id, message_id, device_id, shard, idcode, priority,
                    enqueued_at, attempts, rank""",
             (owner, until, now, shard, limit),

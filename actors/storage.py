@@ -42,6 +42,7 @@ T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any]
 
 DEFAULT_WRITE_TIMEOUT = 30.0
+DEFAULT_BULK_SLOTS = 1
 
 
 class StorageError(Exception):
@@ -225,6 +226,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX followups_waiting ON followups(updated_at) WHERE state = 'waiting'",
         ),
     ),
+    Migration(
+        7,
+        "queue: the urgent items (priority 10) in lease order, for the nodes' express lanes",
+        (
+            """CREATE INDEX items_urgent ON items(shard, rank)
+               WHERE state = 'queued' AND deferred = 0 AND priority >= 10""",
+        ),
+    ),
 )
 
 
@@ -259,12 +268,18 @@ class Store:
         path: Path,
         *,
         write_timeout: float,
+        bulk_slots: int = DEFAULT_BULK_SLOTS,
     ) -> None:
         self._db = db
         self._loop = loop
         self.path = path
         self.write_timeout = write_timeout
         self.schema_version = 0
+        # Bulk work (node rounds, fan-out pages, sweeps, reads for the control socket)
+        # is handed to the database thread at most ``bulk_slots`` operations at a time;
+        # urgent work (accepting a push, the express lane) skips this line, so it waits
+        # behind at most that many operations in the thread's first-in-first-out queue.
+        self._bulk = trio.Semaphore(bulk_slots)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the connection's thread; cancellable (for reads)."""
@@ -274,35 +289,57 @@ class Store:
         result: T = await trio_asyncio.aio_as_trio(self._db._execute, loop=self._loop)(fn, conn)
         return result
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a write in the thread, shielded from cancellation for a bounded time."""
-        with trio.move_on_after(self.write_timeout, shield=True) as scope:
+    async def _admitted(self, fn: Callable[[sqlite3.Connection], T], urgent: bool) -> T:
+        if urgent:
             return await self._call(fn)
+        async with self._bulk:
+            return await self._call(fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], urgent: bool) -> T:
+        """Run a write in the thread, shielded from cancellation for a bounded time (the
+        wait for a bulk slot included)."""
+        handed_over = False
+        with trio.move_on_after(self.write_timeout, shield=True) as scope:
+            if urgent:
+                handed_over = True
+                return await self._call(fn)
+            async with self._bulk:
+                handed_over = True
+                return await self._call(fn)
         assert scope.cancelled_caught
+        if not handed_over:
+            raise StorageTimeout(
+                f"write to {self.path} waited {self.write_timeout}s behind other database "
+                "work and was not started: nothing was written"
+            )
         raise StorageTimeout(
             f"write to {self.path} did not finish in {self.write_timeout}s; "
             "it will still commit or roll back as a whole"
         )
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def read(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
         """Run a read-only function of the raw connection on one consistent snapshot
-        (a deferred read transaction: other processes' commits land before or after)."""
-        return await self._call(lambda conn: _snapshot(conn, fn))
+        (a deferred read transaction: other processes' commits land before or after).
+        ``urgent``: skip the line of bulk work (see ``__init__``)."""
+        return await self._admitted(lambda conn: _snapshot(conn, fn), urgent)
 
-    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
         """Run ``fn(conn)`` atomically (BEGIN IMMEDIATE / COMMIT, ROLLBACK on error).
 
         ``fn`` is synchronous and runs in the database thread: it must not block on
         anything but SQLite. Shielded from cancellation up to ``write_timeout``.
+        ``urgent``: skip the line of bulk work (see ``__init__``).
         """
-        return await self._write(lambda conn: _atomically(conn, fn))
+        return await self._write(lambda conn: _atomically(conn, fn), urgent)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        return await self._call(lambda conn: conn.execute(sql, params).fetchall())
+        return await self._admitted(lambda conn: conn.execute(sql, params).fetchall(), False)
 
-    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = await self._call(
-            lambda conn: conn.execute(sql, params).fetchone()
+    async def fetchone(
+        self, sql: str, params: Params = (), *, urgent: bool = False
+    ) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = await self._admitted(
+            lambda conn: conn.execute(sql, params).fetchone(), urgent
         )
         return row
 

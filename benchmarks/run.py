@@ -294,9 +294,13 @@ key_id = "{kid}"
 team_id = "{team}"
 connections = {connections}
 
+[storage]
+batch_size = {store_batch}
+
 [nodes]
 count = {nodes}
 batch = {batch}
+lanes = {lanes}
 lease_seconds = {lease}
 
 [[classes]]
@@ -321,7 +325,7 @@ class Pushd:
             CONFIG.format(
                 state=self.dir / "state", socket=self.socket, port=sim.port, ca=sim.ca_file,
                 key=work / "AuthKey.p8", kid=KEY_ID, team=TEAM_ID, nodes=args.nodes, batch=args.batch, lease=args.lease_seconds,
-                connections=args.connections,
+                connections=args.connections, lanes=args.lanes, store_batch=args.store_batch,
             )
         )  # fmt: skip
         self.core = core
@@ -334,6 +338,9 @@ class Pushd:
             "--config",
             str(self.config),
         ]
+        if os.environ.get("PUSHD_ENTRY"):  # experiments: a wrapper script instead of -m pushd.cli
+            i = self.cmd.index("-m")
+            self.cmd[i : i + 2] = [os.environ["PUSHD_ENTRY"]]
         self.proc: subprocess.Popen[bytes] | None = None
         self.registered = 0
         self.started_at = 0.0
@@ -1221,6 +1228,8 @@ def main() -> None:
         "--batch", type=int, default=200, help="pushd nodes.batch (in flight = nodes x batch)"
     )
     p.add_argument("--connections", type=int, default=2, help="pushd apns.connections per node")
+    p.add_argument("--lanes", type=int, default=4, help="pushd nodes.lanes")
+    p.add_argument("--store-batch", type=int, default=500, help="pushd storage.batch_size")
     p.add_argument(
         "--rate", type=float, help="latency: offer this rate instead of half the measured maximum"
     )

@@ -27,7 +27,7 @@ from actors.idcode import CodeKeys
 from actors.live import Live, LiveRef
 from actors.messages import AppEvent, Delivered, Enqueued, Envelope, RegistryChanged
 from actors.node import NodeActor
-from actors.queue import QueueActor
+from actors.queue import WAKE_SLOTS, QueueActor
 from actors.queuestore import QueueStore
 from actors.registry import Registry
 from actors.rules import Classifier
@@ -83,9 +83,10 @@ class Pipeline:
         self.central_send, self.central_recv = trio.open_memory_channel[Envelope](ch.central)
         self.queue_send, self.queue_recv = trio.open_memory_channel[Enqueued](ch.queue)
         self.analyzer_send, self.analyzer_recv = trio.open_memory_channel[AnalyzerInput](ch.analyzer)
-        # One-slot wake channels, one per node (index = shard); a pending wake coalesces.
-        self.wake_sends: list[trio.MemorySendChannel[None]] = []
-        self.wake_recvs: list[trio.MemoryReceiveChannel[None]] = []
+        # Wake channels, one per node (index = shard); a wake says whether the new work
+        # is urgent (priority 10). Pending wakes coalesce (see actors.queue.wake).
+        self.wake_sends: list[trio.MemorySendChannel[bool]] = []
+        self.wake_recvs: list[trio.MemoryReceiveChannel[bool]] = []
         self.node_names: list[str] = []
         self.counters: Counter[str] = Counter()
         self.sim_setup = SimulatorSetup.prepare(config) if config.apns.environment == "simulator" else None
@@ -183,7 +184,7 @@ class Pipeline:
 
     async def _scale_nodes(self, nursery: trio.Nursery, supervisor: Supervisor, count: int) -> None:
         while len(self.wake_sends) < count:
-            send, recv = trio.open_memory_channel[None](1)
+            send, recv = trio.open_memory_channel[bool](WAKE_SLOTS)
             self.wake_sends.append(send)
             self.wake_recvs.append(recv)
         while len(self.node_names) < count:
