@@ -229,6 +229,36 @@ async def test_a_single_device_push_overtakes_a_running_broadcast(short_tmp: Pat
         assert position < len(order) - 100, f"single push answered at {position} of {len(order)}"
 
 
+async def test_an_urgent_push_takes_the_express_lane_while_every_ordinary_lane_is_busy(
+    short_tmp: Path,
+) -> None:
+    from actors.registry import Registration
+
+    # One node, batch 50 over 4 lanes: 48 broadcast notifications in flight, each answered
+    # only after 1 s, so every ordinary lane waits ~1 s per round.
+    async with running(short_tmp, nodes=1) as daemon:
+        regs = [device(f"b{i:04d}", f"u{i}") for i in range(150)]
+        await daemon.pipeline.registry.register_many(
+            [Registration(**r) for r in regs], now_ms=int(time.time() * 1000)
+        )
+        await register_all(short_tmp, [device("vip", "boss")])
+        sim = simulator(daemon)
+        sim.config.response_delay = 1.0
+        broadcast = await call(short_tmp, "push", notification=alert("sale"), target={"all": True}, priority=5)
+        with trio.fail_after(20):
+            await sim.wait_for_received(48)  # the first round is in flight: no lane is free
+        single = await call(short_tmp, "push", notification=alert("for you"), target={"devices": ["vip"]}, priority=10)
+        await settled(short_tmp, single["message_id"])
+        answered = {r.headers.get("apns-collapse-id"): r.time for r in sim.requests}
+        first_round = min(r.time for r in sim.requests)
+        # Sent by the express lane at once, so answered with the first round; through an
+        # ordinary lane it would have waited for a lane and been answered a second later.
+        assert answered[single["message_id"]] - first_round < 0.6
+        sim.config.response_delay = 0.0
+        state = await settled(short_tmp, broadcast["message_id"])
+        assert state["states"]["sent"] == 151  # the broadcast reached vip too
+
+
 async def test_bulk_registration_is_all_or_nothing(short_tmp: Path) -> None:
     async with running(short_tmp):
         good = [device(f"m{i}", "u1") for i in range(5)]

@@ -385,3 +385,39 @@ async def test_purge_removes_only_messages_finished_before_the_cutoff(queue: Que
     assert await queue.get_message("old") is None
     assert (await queue.message_state("recent"))["states"]["sent"] == 2
     assert (await queue.message_state("running"))["states"]["queued"] == 3
+
+
+async def test_express_and_ordinary_leases_split_the_urgent_items_from_the_rest(
+    queue: QueueStore,
+) -> None:
+    await push(queue, "bulk", 4, priority=5)
+    await push(queue, "urgent", 2, priority=10)
+
+    async def lease(priorities: str, limit: int = 10) -> list[str]:
+        leased = await queue.store.transaction(
+            lambda conn: queue.lease_in(
+                conn, shard=0, owner="n", limit=limit, now=T0, lease_seconds=30, priorities=priorities  # type: ignore[arg-type]
+            )
+        )
+        return [item.message_id for item in leased]
+
+    assert await lease("ordinary", limit=2) == ["bulk", "bulk"]  # urgent ones are skipped
+    assert await lease("urgent") == ["urgent", "urgent"]
+    assert await lease("urgent") == []  # and nothing else
+    assert await lease("all") == ["bulk", "bulk"]
+
+
+async def test_ordinary_wakes_never_crowd_out_an_urgent_one() -> None:
+    from actors.queue import WAKE_SLOTS, wake
+
+    send, recv = trio.open_memory_channel[bool](WAKE_SLOTS)
+    for _ in range(10):  # a fan-out reporting page after page to a busy node
+        wake([send], 0)
+    wake([send], 0, urgent=True)
+    pending = []
+    while True:
+        try:
+            pending.append(recv.receive_nowait())
+        except trio.WouldBlock:
+            break
+    assert pending == [False] * (WAKE_SLOTS // 2) + [True]

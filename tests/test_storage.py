@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -315,3 +317,48 @@ async def test_a_read_sees_one_snapshot_and_cannot_write(tmp_path: Path) -> None
         assert await count(reader) == 2
         await reader.read(lambda conn: conn.execute("INSERT INTO t (v) VALUES ('nope')"))
         assert await count(writer) == 2
+
+
+async def test_urgent_work_skips_the_line_of_bulk_work(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+        started, release = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def blocker(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(5.0)
+            order.append("blocker")
+
+        def note(name: str) -> Callable[[sqlite3.Connection], None]:
+            return lambda conn: order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.transaction, blocker)  # holds the database thread
+            await wait_for_thread_event(started)
+            for i in range(3):
+                nursery.start_soon(store.transaction, note(f"bulk-{i}"))
+            nursery.start_soon(store.read, note("bulk-read"))
+            await trio.sleep(0.1)
+            nursery.start_soon(functools.partial(store.transaction, note("urgent"), urgent=True))
+            await trio.sleep(0.1)
+            release.set()
+        assert order[:2] == ["blocker", "urgent"]
+        assert sorted(order[2:]) == ["bulk-0", "bulk-1", "bulk-2", "bulk-read"]
+
+
+async def test_a_cancelled_bulk_write_waiting_for_its_turn_is_still_written(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
+        started, release = threading.Event(), threading.Event()
+
+        def blocker(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(5.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.transaction, blocker)
+            await wait_for_thread_event(started)
+            with trio.CancelScope() as scope:
+                scope.cancel()  # like any write, it is shielded for up to write_timeout
+                release.set()
+                await store.executemany("INSERT INTO t (v) VALUES (?)", [("x",)] * 3)
+        assert await count(store) == 3
