@@ -352,12 +352,18 @@ async def test_two_connections_leasing_at_once_never_share_an_item(tmp_path: Pat
     async with open_store(path) as first, open_store(path) as second:
         await push(QueueStore(first), "m", 2000)
         seen: dict[str, list[int]] = {"a": [], "b": []}
+        first_leases = {"a": trio.Event(), "b": trio.Event()}
 
         async def node(name: str, queue: QueueStore) -> None:
             while leased := await queue.lease(
                 shard=0, owner=name, limit=50, now=T0, lease_seconds=60
             ):
                 seen[name].extend(i.item_id for i in leased)
+                # Both have leased once before either goes on (SQLite's busy handler
+                # is not fair: one connection could otherwise take every item).
+                first_leases[name].set()
+                for event in first_leases.values():
+                    await event.wait()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node, "a", QueueStore(first))
