@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trio_asyncio
 
 from actors.storage import (
@@ -338,9 +339,9 @@ async def test_urgent_work_skips_the_line_of_bulk_work(tmp_path: Path) -> None:
             for i in range(3):
                 nursery.start_soon(store.transaction, note(f"bulk-{i}"))
             nursery.start_soon(store.read, note("bulk-read"))
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()  # queued: in the thread or for a slot
             nursery.start_soon(functools.partial(store.transaction, note("urgent"), urgent=True))
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()
             release.set()
         assert order[:2] == ["blocker", "urgent"]
         assert sorted(order[2:]) == ["bulk-0", "bulk-1", "bulk-2", "bulk-read"]
