@@ -16,8 +16,9 @@ Scenarios (``--only``, comma-separated; default all):
   throughput  N devices, one push to all: notifications/s from accept to the last APNs
               answer (simulator record), against aioapns sending N to the same simulator
               at the same concurrency (nodes x batch in flight).
-  latency     single-device pushes offered at a steady pace at half the measured rate:
-              submit -> APNs answer, p50/p95/p99.
+  latency     single-device pushes: their maximum rate (closed loop), then offered at a
+              steady pace at half of it and at half the broadcast maximum (and a sweep
+              and a low rate): submit -> APNs answer, p50/p95/p99.
   hol         single-device priority-10 pushes while an N-device priority-5 broadcast drains.
   recovery    SIGKILL while an N-device broadcast is queued; restart; time to sending
               again, notifications lost and duplicated.
