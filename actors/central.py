@@ -299,7 +299,7 @@ class CentralActor:
             accepted = await self.accept_small(row, target)
         else:
             targeted = await self._count(target, row.notification["topic"])
-            await self.queue.create_message(dataclasses.replace(row, audience=targeted), urgent=True)
+            await self.queue.create_message(dataclasses.replace(row, audience=targeted), line="urgent")
             self._schedule()
             accepted = PushAccepted(message_id=row.message_id, targeted=targeted)
         log.info(
@@ -399,14 +399,14 @@ class CentralActor:
                     f"SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL "
                     f"AND {column} IN ({','.join('?' * len(chunk))})",
                     [topic, *chunk],
-                    urgent=True,
+                    line="urgent",
                 )
                 total += row[0] if row else 0
             return total
         # Broad targets: the candidates (devices of the app); the fan-out narrows them
         # down by class or filter, and `message` reports exact per-device outcomes.
         row = await self.queue.store.fetchone(  # an accept: skips bulk work
-            "SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL", (topic,), urgent=True
+            "SELECT count(*) FROM devices WHERE topic = ? AND retired_at_ms IS NULL", (topic,), line="urgent"
         )
         return row[0] if row else 0
 
@@ -528,7 +528,7 @@ class CentralActor:
             return prepared
 
         # Accepting is what a waiting client sees: it skips the line of bulk store work.
-        return await self.queue.store.transaction(write, urgent=True)
+        return await self.queue.store.transaction(write, line="urgent")
 
     async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
         """Listed device or user ids: resolve, classify and store the message with all its

@@ -230,7 +230,7 @@ class NodeActor:
                         # too only while it has more than it can lease in one round.
                         priorities="urgent" if express else "all" if self._urgent_backlog else "ordinary",
                     ),
-                    urgent=express,
+                    line="urgent" if express else "send",
                 )
                 if express:
                     self._urgent_backlog = len(items) == limit

@@ -40,7 +40,7 @@ from typing import Any, Final, Literal
 
 import msgpack
 
-from actors.storage import Store
+from actors.storage import Line, Store
 
 ItemState = Literal["queued", "leased", "sent", "failed", "expired", "skipped", "dead"]
 FinalState = Literal["sent", "failed", "skipped", "dead"]
@@ -197,9 +197,9 @@ class QueueStore:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def create_message(self, msg: MessageRow, *, urgent: bool = False) -> None:
+    async def create_message(self, msg: MessageRow, *, line: Line = "bulk") -> None:
         """Store a message (idempotent: an existing message id is left as it is)."""
-        await self.store.transaction(lambda conn: self._create_in(conn, msg), urgent=urgent)
+        await self.store.transaction(lambda conn: self._create_in(conn, msg), line=line)
 
     @staticmethod
     def _create_in(conn: sqlite3.Connection, msg: MessageRow) -> None:

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import trio
@@ -42,7 +42,7 @@ T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any]
 
 DEFAULT_WRITE_TIMEOUT = 30.0
-DEFAULT_BULK_SLOTS = 1
+Line = Literal["urgent", "send", "bulk"]
 
 
 class StorageError(Exception):
@@ -268,18 +268,19 @@ class Store:
         path: Path,
         *,
         write_timeout: float,
-        bulk_slots: int = DEFAULT_BULK_SLOTS,
     ) -> None:
         self._db = db
         self._loop = loop
         self.path = path
         self.write_timeout = write_timeout
         self.schema_version = 0
-        # Bulk work (node rounds, fan-out pages, sweeps, reads for the control socket)
-        # is handed to the database thread at most ``bulk_slots`` operations at a time;
-        # urgent work (accepting a push, the express lane) skips this line, so it waits
-        # behind at most that many operations in the thread's first-in-first-out queue.
-        self._bulk = trio.Semaphore(bulk_slots)
+        # The database thread runs one operation at a time, first come first served. So
+        # that urgent work (accepting a push, the express lanes) never waits behind a
+        # long queue, other work is handed over one operation at a time per line: one
+        # node round ("send") and one of everything else ("bulk": fan-out pages, sweeps,
+        # control-socket reads); "urgent" work skips the lines and so waits for at most
+        # those two. Two lines, so that a fan-out is not starved by many node lanes.
+        self._lines = {"send": trio.Lock(), "bulk": trio.Lock()}
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the connection's thread; cancellable (for reads)."""
@@ -289,21 +290,21 @@ class Store:
         result: T = await trio_asyncio.aio_as_trio(self._db._execute, loop=self._loop)(fn, conn)
         return result
 
-    async def _admitted(self, fn: Callable[[sqlite3.Connection], T], urgent: bool) -> T:
-        if urgent:
+    async def _admitted(self, fn: Callable[[sqlite3.Connection], T], line: Line) -> T:
+        if line == "urgent":
             return await self._call(fn)
-        async with self._bulk:
+        async with self._lines[line]:
             return await self._call(fn)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], urgent: bool) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], line: Line) -> T:
         """Run a write in the thread, shielded from cancellation for a bounded time (the
-        wait for a bulk slot included)."""
+        wait for its turn in its line included)."""
         handed_over = False
         with trio.move_on_after(self.write_timeout, shield=True) as scope:
-            if urgent:
+            if line == "urgent":
                 handed_over = True
                 return await self._call(fn)
-            async with self._bulk:
+            async with self._lines[line]:
                 handed_over = True
                 return await self._call(fn)
         assert scope.cancelled_caught
@@ -317,29 +318,29 @@ class Store:
             "it will still commit or roll back as a whole"
         )
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
+    async def read(self, fn: Callable[[sqlite3.Connection], T], *, line: Line = "bulk") -> T:
         """Run a read-only function of the raw connection on one consistent snapshot
         (a deferred read transaction: other processes' commits land before or after).
-        ``urgent``: skip the line of bulk work (see ``__init__``)."""
-        return await self._admitted(lambda conn: _snapshot(conn, fn), urgent)
+        ``line``: see ``__init__``."""
+        return await self._admitted(lambda conn: _snapshot(conn, fn), line)
 
-    async def transaction(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T], *, line: Line = "bulk") -> T:
         """Run ``fn(conn)`` atomically (BEGIN IMMEDIATE / COMMIT, ROLLBACK on error).
 
         ``fn`` is synchronous and runs in the database thread: it must not block on
         anything but SQLite. Shielded from cancellation up to ``write_timeout``.
-        ``urgent``: skip the line of bulk work (see ``__init__``).
+        ``line``: see ``__init__``.
         """
-        return await self._write(lambda conn: _atomically(conn, fn), urgent)
+        return await self._write(lambda conn: _atomically(conn, fn), line)
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        return await self._admitted(lambda conn: conn.execute(sql, params).fetchall(), False)
+        return await self._admitted(lambda conn: conn.execute(sql, params).fetchall(), "bulk")
 
     async def fetchone(
-        self, sql: str, params: Params = (), *, urgent: bool = False
+        self, sql: str, params: Params = (), *, line: Line = "bulk"
     ) -> sqlite3.Row | None:
         row: sqlite3.Row | None = await self._admitted(
-            lambda conn: conn.execute(sql, params).fetchone(), urgent
+            lambda conn: conn.execute(sql, params).fetchone(), line
         )
         return row
 

@@ -320,7 +320,7 @@ async def test_a_read_sees_one_snapshot_and_cannot_write(tmp_path: Path) -> None
         assert await count(writer) == 2
 
 
-async def test_urgent_work_skips_the_line_of_bulk_work(tmp_path: Path) -> None:
+async def test_urgent_work_and_node_rounds_skip_the_line_of_bulk_work(tmp_path: Path) -> None:
     async with open_store(tmp_path / "db.sqlite", migrations=WITH_SCRATCH) as store:
         started, release = threading.Event(), threading.Event()
         order: list[str] = []
@@ -340,11 +340,15 @@ async def test_urgent_work_skips_the_line_of_bulk_work(tmp_path: Path) -> None:
                 nursery.start_soon(store.transaction, note(f"bulk-{i}"))
             nursery.start_soon(store.read, note("bulk-read"))
             await trio.testing.wait_all_tasks_blocked()  # queued: in the thread or for a slot
-            nursery.start_soon(functools.partial(store.transaction, note("urgent"), urgent=True))
+            nursery.start_soon(functools.partial(store.transaction, note("urgent"), line="urgent"))
+            nursery.start_soon(functools.partial(store.transaction, note("send"), line="send"))
             await trio.testing.wait_all_tasks_blocked()
             release.set()
-        assert order[:2] == ["blocker", "urgent"]
-        assert sorted(order[2:]) == ["bulk-0", "bulk-1", "bulk-2", "bulk-read"]
+        # Urgent work skips every line; a node round ("send") has a line of its own, so
+        # it is not stuck behind other bulk work either.
+        assert order[0] == "blocker"
+        assert sorted(order[1:3]) == ["send", "urgent"]
+        assert sorted(order[3:]) == ["bulk-0", "bulk-1", "bulk-2", "bulk-read"]
 
 
 async def test_a_cancelled_bulk_write_waiting_for_its_turn_is_still_written(tmp_path: Path) -> None:
