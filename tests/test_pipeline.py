@@ -332,3 +332,14 @@ async def test_a_burst_of_pushes_is_accepted_together_and_each_answered(short_tm
             await settled(short_tmp, a["message_id"])  # type: ignore[index]
         assert sum(len(reached(daemon, a["message_id"])) for a in accepted.values()) == 39  # type: ignore[index]
         assert set(tok.values()) == {r.token for r in simulator(daemon).requests}
+
+
+async def test_what_lives_as_long_as_the_daemon_is_out_of_the_collectors_way(short_tmp: Path) -> None:
+    import gc
+
+    gc.unfreeze()
+    async with running(short_tmp):
+        assert gc.get_freeze_count() > 0  # frozen once ready: full collections skip it
+        gc.unfreeze()
+        assert (await call(short_tmp, "reload"))["ok"]
+        assert gc.get_freeze_count() > 0  # and again after a reload
