@@ -46,7 +46,7 @@ from actors.followup import FollowUp
 from actors.idcode import IdCode
 from actors.live import LiveRef
 from actors.messages import AppEvent, Delivered, Enqueued, RegistryChanged
-from actors.queuestore import ItemRow, MessageRow, QueueStore
+from actors.queuestore import URGENT_PRIORITY, ItemRow, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.rules import compile_rule
 
@@ -441,7 +441,9 @@ class AnalyzerActor:
         log.info("re-push", message_id=root.message_id, repush=n, devices=len(records), strategy=spec.strategy)
         if self.queue_notes is not None:
             with contextlib.suppress(trio.WouldBlock):
-                self.queue_notes.send_nowait(Enqueued(shards=sorted(shards), count=len(items)))
+                self.queue_notes.send_nowait(
+                    Enqueued(shards=sorted(shards), count=len(items), urgent=root.priority >= URGENT_PRIORITY)
+                )
 
 
 async def withdraw_consent(store: Any, user_id: str, *, allowed_kinds: Sequence[str] = ()) -> tuple[int, int]:

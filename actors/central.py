@@ -236,9 +236,12 @@ class CentralActor:
             await envelope.answer(exc)
             return
         except StorageTimeout as exc:
+            log.error("push store timed out", error=str(exc), handed_over=exc.handed_over)
+            if not exc.handed_over:  # never started: a retry cannot double anything
+                await envelope.answer(Failed(f"storage is overloaded; the push was not accepted: {exc}"))
+                return
             # The write still completes (all or nothing) but we cannot tell which: do not
             # invite a blind retry that could double the notification.
-            log.error("push store timed out", error=str(exc))
             await envelope.answer(
                 Failed(f"storage did not confirm in time; the push may have been accepted: {exc}")
             )

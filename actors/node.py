@@ -184,15 +184,17 @@ class NodeActor:
             nursery.cancel_scope.cancel()
 
     async def _waker(self) -> None:
-        """Passes the queue's wake-ups on to the lanes: urgent work to the express lane
-        (or, if that already has a wake-up pending, to an ordinary lane as well)."""
+        """Passes the queue's wake-ups on to the lanes."""
         async for urgent in self.wake:
-            if urgent:
-                try:
-                    self._express_send.send_nowait(None)
+            # Every wake reaches the express lane (urgent items come from re-pushes and
+            # sweeps too, whose wakes do not say so); an ordinary lane as well unless the
+            # work is known to be urgent and the express lane is free to take it.
+            try:
+                self._express_send.send_nowait(None)
+                if urgent:
                     continue
-                except trio.WouldBlock:
-                    pass
+            except trio.WouldBlock:
+                pass
             self._wake_a_lane()
 
     def _wake_a_lane(self) -> None:
@@ -206,25 +208,17 @@ class NodeActor:
             self.ctx.heartbeat.beat()
             stopping = self.ctx.stopping.is_set()
             live = self.live.current
-            if not stopping and live.apns_generation != self._current.generation and lane == 0:
-                self._log.info("APNs settings changed; replacing sender")
-                old, self._current = self._current, await self._start_sender()
-                old.retire()  # cancelled once the lanes still using it are done with it
-            if not stopping and live.apns_generation != self._express.generation and express:
-                old, self._express = self._express, await self._start_sender(connections=1)
-                old.retire()
             limit = 0 if stopping else max(1, live.node_batch // max(1, live.node_lanes))
             items: list[LeasedItem] = []
             records: dict[str, DeviceRecord] = {}
             if done is not None or limit:
                 # One trip to the database thread per round: the last batch's outcomes
                 # and the next lease (with its devices' records) in one transaction.
-                items, records = await self.queue.store.transaction(
+                leased = await self.queue.store.transaction(
                     functools.partial(
                         self._finish_and_lease,
                         done=done,
                         limit=limit,
-                        now=time.time(),
                         lease_seconds=live.lease_seconds,
                         # Urgent items go to the express lane; the other lanes take them
                         # too only while it has more than it can lease in one round.
@@ -232,13 +226,26 @@ class NodeActor:
                     ),
                     line="urgent" if express else "send",
                 )
+                if done is not None:
+                    self._report(done)  # written: even if the lease half failed
+                    done = None
+                if isinstance(leased, Exception):
+                    raise leased
+                items, records = leased
                 if express:
                     self._urgent_backlog = len(items) == limit
-                if done is not None:
-                    self._report(done)
-                    done = None
+                    if self._urgent_backlog:
+                        self._wake_a_lane()  # more urgent work than one round: help
             if stopping:
                 return
+            # A new sender after the last batch's outcomes are written, not before.
+            if live.apns_generation != self._current.generation and lane == 0:
+                self._log.info("APNs settings changed; replacing sender")
+                old, self._current = self._current, await self._start_sender()
+                old.retire()  # cancelled once the lanes still using it are done with it
+            if live.apns_generation != self._express.generation and express:
+                old, self._express = self._express, await self._start_sender(connections=1)
+                old.retire()
             if items:
                 if len(items) == limit and not express:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
@@ -259,13 +266,14 @@ class NodeActor:
         done: Round | None,
         *,
         limit: int,
-        now: float,
         lease_seconds: float,
         priorities: Literal["all", "urgent", "ordinary"] = "all",
-    ) -> tuple[list[LeasedItem], dict[str, DeviceRecord]]:
+    ) -> tuple[list[LeasedItem], dict[str, DeviceRecord]] | Exception:
         """In the database thread, one transaction: record a finished batch (follow-ups
         first, see actors.analyzer.record_outcomes; dead tokens; final outcomes; retries),
-        then lease up to ``limit`` items and read their devices' current records."""
+        then lease up to ``limit`` items and read their devices' current records. If the
+        lease half fails, it is rolled back alone and its error returned, so that the
+        outcomes still commit (the caller raises it afterwards)."""
         if done is not None:
             if done.followups:
                 record_outcomes(conn, done.followups, done.now)
@@ -279,16 +287,24 @@ class NodeActor:
                 )
         if not limit:
             return [], {}
-        items = self.queue.lease_in(
-            conn,
-            shard=self.index,
-            owner=self.name,
-            limit=limit,
-            now=now,
-            lease_seconds=lease_seconds,
-            priorities=priorities,
-        )
-        return items, Registry.records_in(conn, {item.device_id for item in items}) if items else {}
+        conn.execute("SAVEPOINT lease")
+        try:
+            items = self.queue.lease_in(
+                conn,
+                shard=self.index,
+                owner=self.name,
+                limit=limit,
+                now=time.time(),  # now, not when the round queued for the database
+                lease_seconds=lease_seconds,
+                priorities=priorities,
+            )
+            records = Registry.records_in(conn, {item.device_id for item in items}) if items else {}
+        except Exception as exc:
+            conn.execute("ROLLBACK TO SAVEPOINT lease")
+            conn.execute("RELEASE SAVEPOINT lease")
+            return exc
+        conn.execute("RELEASE SAVEPOINT lease")
+        return items, records
 
     def _report(self, done: Round) -> None:
         # Delivery records are informational for the analyzer (its state is already

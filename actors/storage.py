@@ -10,9 +10,11 @@ single worker thread, so:
   can never interleave with it;
 * a write, once handed to the thread, always finishes (commit or rollback) even if
   the awaiting task is cancelled; the awaiting side is shielded for a bounded time
-  (``write_timeout``) so a cancelled caller still learns the outcome in the common
-  case, and raises :class:`StorageTimeout` (the write still completes, all or
-  nothing) when the bound runs out.
+  (``write_timeout``, the wait for its turn included) so a cancelled caller still
+  learns the outcome in the common case, and raises :class:`StorageTimeout` when the
+  bound runs out (``handed_over`` says whether the write may still complete, all or
+  nothing, or was never started);
+* non-urgent work waits in a line before it is handed over (see :class:`Store`).
 
 The asyncio loop: :func:`open_store` reuses the trio-asyncio loop of the calling
 task if there is one (the daemon opens ``trio_asyncio.open_loop()`` once around
@@ -61,7 +63,13 @@ class SchemaTooNew(StorageError):
 
 
 class StorageTimeout(StorageError):
-    """A write did not finish within the bound; it still commits or rolls back whole."""
+    """A write did not finish within the bound. ``handed_over``: it reached the database
+    thread and still commits or rolls back whole (its outcome is unknown); otherwise it
+    was never started and nothing was written."""
+
+    def __init__(self, message: str, *, handed_over: bool = True) -> None:
+        super().__init__(message)
+        self.handed_over = handed_over
 
 
 @dataclass(frozen=True)
@@ -279,7 +287,8 @@ class Store:
         # long queue, other work is handed over one operation at a time per line: one
         # node round ("send") and one of everything else ("bulk": fan-out pages, sweeps,
         # control-socket reads); "urgent" work skips the lines and so waits for at most
-        # those two. Two lines, so that a fan-out is not starved by many node lanes.
+        # those two (and other urgent work). Two lines, so that a fan-out is not starved
+        # by many node lanes.
         self._lines = {"send": trio.Lock(), "bulk": trio.Lock()}
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -311,7 +320,8 @@ class Store:
         if not handed_over:
             raise StorageTimeout(
                 f"write to {self.path} waited {self.write_timeout}s behind other database "
-                "work and was not started: nothing was written"
+                "work and was not started: nothing was written",
+                handed_over=False,
             )
         raise StorageTimeout(
             f"write to {self.path} did not finish in {self.write_timeout}s; "

@@ -735,7 +735,9 @@ class Bench:
         self.main_sim: Simulator | None = None
         self.main: Pushd | None = None
         self.max_rate: float | None = args.rate * 2 if args.rate else None
-        self.in_flight = args.nodes * args.batch
+        # Per node: nodes.batch over its lanes, plus its express lane's one lane-sized
+        # round (priority 10) -- aioapns gets the same concurrency.
+        self.in_flight = args.nodes * (args.batch + args.batch // args.lanes)
 
     # -- shared store A: N devices, a normal simulator --------------------------------
 

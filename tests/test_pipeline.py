@@ -235,7 +235,7 @@ async def test_an_urgent_push_takes_the_express_lane_while_every_ordinary_lane_i
     from actors.registry import Registration
 
     # One node, batch 50 over 4 lanes: 48 broadcast notifications in flight, each answered
-    # only after 1 s, so every ordinary lane waits ~1 s per round.
+    # only after 2 s, so every ordinary lane waits ~2 s per round.
     async with running(short_tmp, nodes=1) as daemon:
         regs = [device(f"b{i:04d}", f"u{i}") for i in range(150)]
         await daemon.pipeline.registry.register_many(
@@ -243,7 +243,7 @@ async def test_an_urgent_push_takes_the_express_lane_while_every_ordinary_lane_i
         )
         await register_all(short_tmp, [device("vip", "boss")])
         sim = simulator(daemon)
-        sim.config.response_delay = 1.0
+        sim.config.response_delay = 2.0
         broadcast = await call(short_tmp, "push", notification=alert("sale"), target={"all": True}, priority=5)
         with trio.fail_after(20):
             await sim.wait_for_received(48)  # the first round is in flight: no lane is free
@@ -252,8 +252,8 @@ async def test_an_urgent_push_takes_the_express_lane_while_every_ordinary_lane_i
         answered = {r.headers.get("apns-collapse-id"): r.time for r in sim.requests}
         first_round = min(r.time for r in sim.requests)
         # Sent by the express lane at once, so answered with the first round; through an
-        # ordinary lane it would have waited for a lane and been answered a second later.
-        assert answered[single["message_id"]] - first_round < 0.6
+        # ordinary lane it would have waited for a lane and been answered 2 s later.
+        assert answered[single["message_id"]] - first_round < 1.2
         sim.config.response_delay = 0.0
         state = await settled(short_tmp, broadcast["message_id"])
         assert state["states"]["sent"] == 151  # the broadcast reached vip too
@@ -343,3 +343,4 @@ async def test_what_lives_as_long_as_the_daemon_is_out_of_the_collectors_way(sho
         gc.unfreeze()
         assert (await call(short_tmp, "reload"))["ok"]
         assert gc.get_freeze_count() > 0  # and again after a reload
+    gc.unfreeze()  # leave the test process as it was

@@ -359,11 +359,15 @@ async def test_a_cancelled_bulk_write_waiting_for_its_turn_is_still_written(tmp_
             started.set()
             release.wait(5.0)
 
+        async def cancelled_writer() -> None:
+            with trio.CancelScope() as scope:
+                scope.cancel()  # like any write, it is shielded for up to write_timeout
+                await store.executemany("INSERT INTO t (v) VALUES (?)", [("x",)] * 3)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.transaction, blocker)
             await wait_for_thread_event(started)
-            with trio.CancelScope() as scope:
-                scope.cancel()  # like any write, it is shielded for up to write_timeout
-                release.set()
-                await store.executemany("INSERT INTO t (v) VALUES (?)", [("x",)] * 3)
+            nursery.start_soon(cancelled_writer)
+            await trio.testing.wait_all_tasks_blocked()  # waiting for its turn, cancelled
+            release.set()
         assert await count(store) == 3
