@@ -320,12 +320,25 @@ class Daemon:
         return text
 
 
+# Stopped only after every other actor has drained: the embedded APNs simulator must
+# still answer the notifications the nodes have in flight.
+STOP_LAST = ("apns-simulator",)
+
+
 async def drain(supervisor: Supervisor, grace_period: float) -> list[str]:
     """Ask every actor to stop and give them ``grace_period`` seconds to finish their
-    in-flight work. Returns the names of those still running (the caller cancels them)."""
-    supervisor.request_stop_all()
+    in-flight work (those in :data:`STOP_LAST` once the others are done). Returns the
+    names of those still running (the caller cancels them)."""
+    first = [h for h in supervisor.actors.values() if h.name not in STOP_LAST]
+    last = [h for h in supervisor.actors.values() if h.name in STOP_LAST]
     with trio.move_on_after(grace_period):
-        for handle in list(supervisor.actors.values()):
+        for handle in first:
+            handle.request_stop()
+        for handle in first:
+            await handle.done.wait()
+        for handle in last:
+            handle.request_stop()
+        for handle in last:
             await handle.done.wait()
     left = [h.name for h in supervisor.actors.values() if not h.done.is_set()]
     if left:

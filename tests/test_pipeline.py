@@ -344,3 +344,22 @@ async def test_what_lives_as_long_as_the_daemon_is_out_of_the_collectors_way(sho
         assert (await call(short_tmp, "reload"))["ok"]
         assert gc.get_freeze_count() > 0  # and again after a reload
     gc.unfreeze()  # leave the test process as it was
+
+
+async def test_a_batch_in_flight_at_stop_is_finished_and_recorded(short_tmp: Path) -> None:
+    from actors.storage import open_store
+
+    async with running(short_tmp, nodes=1) as daemon:
+        await register_all(short_tmp, [device("d1", "u1"), device("d2", "u1")])
+        sim = simulator(daemon)
+        sim.config.response_delay = 1.0
+        pushed = await call(short_tmp, "push", notification=alert(), target={"devices": ["d1", "d2"]})
+        with trio.fail_after(10):
+            await sim.wait_for_received(2)  # in flight when the stop comes
+    # Stopped (drained): the lane waited for the answers and wrote them in its last round.
+    assert len(sim.requests) == 2
+    async with open_store(short_tmp / "state" / "pushd.sqlite3") as store:
+        rows = await store.fetchall(
+            "SELECT state, lease_owner FROM items WHERE message_id = ?", (pushed["message_id"],)
+        )
+    assert [tuple(r) for r in rows] == [("sent", None), ("sent", None)]
