@@ -30,6 +30,7 @@ from actors.queuestore import QueueStore
 log = structlog.get_logger("actors.queue")
 
 
+SWEEP_STALL = 60.0  # seconds; a sweep is bounded work (purges are batched), normally < 1 s
 WAKE_SLOTS = 4  # a node's wake channel: ordinary wakes use at most half of it
 
 
@@ -63,6 +64,7 @@ class QueueActor:
         self.queue = queue
         self.live = live
         self.wakes = wakes  # shared list owned by the pipeline; index = shard
+        self._sweep_started: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, trio.open_nursery() as nursery:
@@ -72,7 +74,8 @@ class QueueActor:
             nursery.start_soon(self._sweeper)
             task_status.started()
             while not self.ctx.stopping.is_set():
-                self.ctx.heartbeat.beat()
+                if not self._sweep_stalled():
+                    self.ctx.heartbeat.beat()
                 got, note = await receive_within(self.inbox, self.ctx.heartbeat.interval)
                 if got:
                     assert note is not None
@@ -83,7 +86,16 @@ class QueueActor:
     async def _sweeper(self) -> None:
         while True:
             await trio.sleep(self.live.current.sweep_interval)
+            self._sweep_started = trio.current_time()
             await self.sweep()
+            self._sweep_started = None
+
+    def _sweep_stalled(self) -> bool:
+        """A sweep running for longer than :data:`SWEEP_STALL` is wedged: the actor then
+        stops proving progress, so the watchdog (and systemd) notice, as they would if
+        the sweep ran in the wake-up loop itself."""
+        started = self._sweep_started
+        return started is not None and trio.current_time() - started > SWEEP_STALL
 
     async def sweep(self) -> None:
         now = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -14,6 +15,13 @@ from actors.storage import MIGRATIONS, open_store
 
 T0 = 1_700_000_000.0
 AGING = 60.0
+
+
+@pytest.fixture
+def slow_autojump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only after 50 ms of real idleness, so it does not jump
+    while the database thread works (and no write deadline is involved either)."""
+    return trio.testing.MockClock(autojump_threshold=0.05)
 
 
 @pytest.fixture
@@ -427,3 +435,39 @@ async def test_ordinary_wakes_never_crowd_out_an_urgent_one() -> None:
         except trio.WouldBlock:
             break
     assert pending == [False] * (WAKE_SLOTS // 2) + [True]
+
+
+async def test_a_wedged_sweep_stops_the_queue_actors_heartbeat(
+    tmp_path: Path, slow_autojump_clock: trio.testing.MockClock
+) -> None:
+    from actors.base import ActorContext, Heartbeat
+    from actors.idcode import CodeKeys
+    from actors.live import Live, LiveRef
+    from actors.queue import SWEEP_STALL, QueueActor
+    from actors.rules import Classifier
+
+    async with open_store(tmp_path / "q.sqlite", write_timeout=1e9) as store:
+        send, recv = trio.open_memory_channel[Any](8)
+        ctx = ActorContext("queue", Heartbeat(1.0))
+        live = LiveRef(Live(classifier=Classifier([]), codes=CodeKeys({"k1": b"k" * 32}, "k1"), sweep_interval=5.0))
+        actor = QueueActor(ctx, inbox=recv, queue=QueueStore(store), live=live, wakes=[])
+        sweeps = 0
+        real_sweep = actor.sweep
+
+        async def sweep() -> None:  # the first sweep is real; the next one never ends
+            nonlocal sweeps
+            sweeps += 1
+            if sweeps > 1:
+                await trio.sleep_forever()
+            await real_sweep()
+
+        actor.sweep = sweep  # type: ignore[method-assign]
+        async with send, trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            await trio.sleep(SWEEP_STALL / 2)  # wedged, but not for long yet: still beating
+            assert sweeps == 2 and ctx.heartbeat.age() <= 1.5
+            await trio.sleep(SWEEP_STALL)
+            # Wedged since the sweep at 5 s: no beats after 5 s + SWEEP_STALL, so the
+            # watchdog fires once the age passes heartbeat_timeout.
+            assert ctx.heartbeat.age() > 10
+            nursery.cancel_scope.cancel()
