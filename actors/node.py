@@ -204,6 +204,7 @@ class NodeActor:
     async def _lane(self, lane: int, *, express: bool = False) -> None:
         done: Round | None = None  # the last batch's outcomes, not yet written
         kick = self._express_recv if express else self._kick_recv
+        polled = False  # the last idle wait ended by time, not by a wake-up
         while True:
             self.ctx.heartbeat.beat()
             stopping = self.ctx.stopping.is_set()
@@ -232,6 +233,11 @@ class NodeActor:
                 if isinstance(leased, Exception):
                     raise leased
                 items, records = leased
+                if polled and items:
+                    # Work found by the periodic poll, not by a wake-up: a retry that fell
+                    # due, or a wake-up that went missing (the stats op shows the count).
+                    self.counters["found_by_poll"] += 1
+                polled = False
                 if express:
                     self._urgent_backlog = len(items) == limit
                     if self._urgent_backlog:
@@ -258,7 +264,7 @@ class NodeActor:
                 continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
             # for one heartbeat interval, whichever comes first; then lease again.
-            await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
+            polled = not await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
 
     def _finish_and_lease(
         self,
