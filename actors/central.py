@@ -284,7 +284,7 @@ class CentralActor:
             return
         for (envelope, _, _), (row, items, shards, sendable) in zip(small, prepared, strict=True):
             if shards:
-                self._note(Enqueued(shards=sorted(shards), count=sendable, urgent=row.priority >= URGENT_PRIORITY))
+                self._note(shards, sendable, row.priority)
             log.info(
                 "push accepted",
                 message_id=row.message_id,
@@ -538,7 +538,7 @@ class CentralActor:
         items in one transaction, so it is in the queue the moment it is acknowledged."""
         ((row, items, shards, sendable),) = await self._store_small([(row, target)])
         if shards:
-            self._note(Enqueued(shards=sorted(shards), count=sendable, urgent=row.priority >= URGENT_PRIORITY))
+            self._note(shards, sendable, row.priority)
         return PushAccepted(message_id=row.message_id, targeted=len(items))
 
     async def fan_out(self, message_id: str) -> int:
@@ -571,7 +571,7 @@ class CentralActor:
             await self.queue.enqueue(message_id, items, now=time.time())
             total += len(items)
             if shards:
-                self._note(Enqueued(shards=sorted(shards), count=sendable, urgent=message.priority >= URGENT_PRIORITY))
+                self._note(shards, sendable, message.priority)
         await self.queue.store.execute(
             "UPDATE messages SET fanout_done = 1, audience = max(audience, ?) WHERE message_id = ?",
             (total, message_id),
@@ -579,7 +579,8 @@ class CentralActor:
         log.info("fan-out done", message_id=message_id, items=total)
         return total
 
-    def _note(self, note: Enqueued) -> None:
-        # The queue's sweep wakes the nodes anyway; a hint may be dropped.
+    def _note(self, shards: set[int], sendable: int, priority: int) -> None:
+        # The queue's sweep and the nodes' polls find the work anyway; a hint may be dropped.
+        note = Enqueued(shards=sorted(shards), count=sendable, urgent=priority >= URGENT_PRIORITY)
         with contextlib.suppress(trio.WouldBlock):
             self.queue_notes.send_nowait(note)

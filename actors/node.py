@@ -138,7 +138,6 @@ class NodeActor:
         index: int,
         wake: trio.MemoryReceiveChannel[bool],
         deliveries: trio.MemorySendChannel[Delivered],
-        registry: Registry,
         queue: QueueStore,
         live: LiveRef,
         counters: Counter[str] | None = None,
@@ -148,7 +147,6 @@ class NodeActor:
         self.name = ctx.name
         self.wake = wake
         self.deliveries = deliveries
-        self.registry = registry
         self.queue = queue
         self.live = live
         self.counters: Counter[str] = counters if counters is not None else Counter()

@@ -243,27 +243,15 @@ class QueueStore:
             lambda conn: self._enqueue_in(conn, message_id, items, now)
         )
 
-    async def create_with_items(
-        self, msg: MessageRow, items: Sequence[ItemRow], *, now: float
-    ) -> int:
-        """A message, all its items and the end of its fan-out in ONE transaction (the
-        fast path for small targets: one write instead of three). Returns items added."""
-        return (await self.create_many_with_items([(msg, items)], now=now))[0]
-
-    async def create_many_with_items(
-        self, batch: Sequence[tuple[MessageRow, Sequence[ItemRow]]], *, now: float
-    ) -> list[int]:
-        """Several messages with all their items in one transaction (a burst of small
-        pushes costs one commit). All or nothing. Returns the items added per message."""
-        return await self.store.transaction(lambda conn: self.create_many_in(conn, batch, now))
-
     def create_many_in(
         self,
         conn: sqlite3.Connection,
         batch: Sequence[tuple[MessageRow, Sequence[ItemRow]]],
         now: float,
     ) -> list[int]:
-        """:meth:`create_many_with_items` inside the caller's transaction."""
+        """Several messages, each with all its items and the end of its fan-out, inside the
+        caller's transaction (a burst of small pushes costs one commit). Returns the items
+        added per message."""
         added = []
         for msg, items in batch:
             self._create_in(conn, msg)

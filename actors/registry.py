@@ -490,7 +490,7 @@ class Registry:
 
     async def get_many(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
         """The records of those device ids that are registered, by device id."""
-        ids = list(dict.fromkeys(device_ids))
+        ids = list(device_ids)  # consumed here, not in the database thread
         return await self.store.read(lambda conn: self.records_in(conn, ids))
 
     @staticmethod

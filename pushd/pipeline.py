@@ -174,7 +174,6 @@ class Pipeline:
                 index=index,
                 wake=self.wake_recvs[index].clone(),
                 deliveries=self.analyzer_send.clone(),
-                registry=self.registry,
                 queue=self.queue,
                 live=self.live,
                 counters=self.counters,
