@@ -73,13 +73,13 @@ async def receive_within(channel: trio.MemoryReceiveChannel[T], seconds: float) 
 
 async def receive_unless_stopping(
     ctx: ActorContext, channel: trio.MemoryReceiveChannel[T], seconds: float
-) -> bool:
-    """Wait up to ``seconds`` for one message (which is discarded: a wake-up), returning
-    early — with False — when a stop is requested. True: a message came."""
+) -> tuple[bool, T | None]:
+    """Wait up to ``seconds`` for one message, returning early when a stop is requested:
+    (True, message), or (False, None) when the time ran out or a stop came first."""
     with trio.move_on_after(seconds):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_then_cancel, ctx.stopping, nursery.cancel_scope)
-            await channel.receive()
+            message = await channel.receive()
             nursery.cancel_scope.cancel()
-            return True
-    return False
+            return True, message
+    return False, None

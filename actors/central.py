@@ -24,6 +24,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from actors.base import ActorContext, receive_within
 from actors.followup import FollowUp, FollowUpError
 from actors.idcode import IdCode
 from actors.live import LiveRef
-from actors.messages import Enqueued, Envelope, PushAccepted, SubmitPush
+from actors.messages import Enqueued, Envelope, Handoff, PushAccepted, SubmitPush
 from actors.queuestore import URGENT_PRIORITY, ItemRow, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.rules import Rule, RuleError, compile_rule
@@ -190,6 +191,8 @@ class CentralActor:
         registry: Registry,
         queue: QueueStore,
         live: LiveRef,
+        handoffs: list[trio.MemorySendChannel[Handoff | None]] | None = None,
+        node_names: list[str] | None = None,
     ) -> None:
         self.ctx = ctx
         self.inbox = inbox
@@ -197,6 +200,10 @@ class CentralActor:
         self.registry = registry
         self.queue = queue
         self.live = live
+        # The nodes' express-lane inboxes and names (index = shard), shared with the
+        # pipeline: an urgent push is leased to its node in the accepting transaction.
+        self.handoffs = handoffs if handoffs is not None else []
+        self.node_names = node_names if node_names is not None else []
         self._fanout_wanted = trio.Event()
         self._failures: dict[str, int] = {}  # message id -> failed fan-out attempts
 
@@ -276,15 +283,14 @@ class CentralActor:
         if not small:
             return
         try:
-            prepared = await self._store_small([(row, target) for _, row, target in small])
+            prepared, handed = await self._store_small([(row, target) for _, row, target in small])
         except Exception:
             log.exception("batched accept failed; accepting one at a time")
             for envelope, _, _ in small:
                 await self._handle(envelope)
             return
         for (envelope, _, _), (row, items, shards, sendable) in zip(small, prepared, strict=True):
-            if shards:
-                self._note(shards, sendable, row.priority)
+            self._note(shards, sendable, row.priority, handed)
             log.info(
                 "push accepted",
                 message_id=row.message_id,
@@ -507,14 +513,22 @@ class CentralActor:
 
     async def _store_small(
         self, pushes: list[tuple[MessageRow, Target]]
-    ) -> list[tuple[MessageRow, list[ItemRow], set[int], int]]:
+    ) -> tuple[list[tuple[MessageRow, list[ItemRow], set[int], int]], set[int]]:
         """Resolve, classify and seal small targets and store them, messages and items, in
-        ONE transaction (one trip to the database thread for a whole burst)."""
+        ONE transaction (one trip to the database thread for a whole burst).
+
+        Priority-10 items are also leased there, a lane-sized round per shard, to the
+        node whose express lane has room, and handed to it in memory: an urgent push is
+        on its way to APNs without a wake-up and a lease of its own. Returns the stored
+        pushes and the shards whose urgent work was all handed over (no wake needed)."""
         now = time.time()
+        live = self.live.current
+        owners = self._handoff_owners(live.node_count)
+        limit = max(1, live.node_batch // max(1, live.node_lanes))
 
         def write(
             conn: sqlite3.Connection,
-        ) -> list[tuple[MessageRow, list[ItemRow], set[int], int]]:
+        ) -> tuple[list[tuple[MessageRow, list[ItemRow], set[int], int]], dict[int, Handoff]]:
             prepared = []
             for row, target in pushes:
                 topic = row.notification["topic"]
@@ -528,17 +542,57 @@ class CentralActor:
                     (dataclasses.replace(row, audience=len(items)), items, shards, sendable)
                 )
             self.queue.create_many_in(conn, [(row, items) for row, items, _, _ in prepared], now)
-            return prepared
+            urgent = {
+                shard
+                for row, _, shards, _ in prepared
+                if row.priority >= URGENT_PRIORITY
+                for shard in shards
+                if shard in owners
+            }
+            handed = {}
+            for shard in sorted(urgent):
+                leased = self.queue.lease_in(
+                    conn, shard=shard, owner=owners[shard], limit=limit, now=time.time(),
+                    lease_seconds=live.lease_seconds, priorities="urgent",
+                )  # fmt: skip
+                if leased:
+                    devices = {item.device_id for item in leased}
+                    handed[shard] = Handoff(leased, Registry.records_in(conn, devices))
+            return prepared, handed
 
         # Accepting is what a waiting client sees: it skips the line of bulk store work.
-        return await self.queue.store.transaction(write, line="urgent")
+        prepared, handed = await self.queue.store.transaction(write, line="urgent")
+        served = set()
+        for shard, handoff in handed.items():
+            try:
+                self.handoffs[shard].send_nowait(handoff)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # Only when the node's inbox closed (the pipeline is shutting down): the
+                # items stay leased and are sent again after a restart reclaims them.
+                log.warning("urgent items not handed over", shard=shard, items=len(handoff.items))
+                continue
+            if len(handoff.items) < limit:
+                served.add(shard)  # nothing urgent left behind on that shard
+        return prepared, served
+
+    def _handoff_owners(self, node_count: int) -> dict[int, str]:
+        """Shards whose node can take a hand-off now -> that node's name (its lease owner).
+        Central is the only sender of hand-offs and sends them one at a time, so a slot
+        free now is still free after the transaction; the node's waker may add one kick."""
+        if self.ctx.stopping.is_set():
+            return {}
+        owners = {}
+        for shard in range(min(node_count, len(self.node_names), len(self.handoffs))):
+            stats = self.handoffs[shard].statistics()
+            if stats.max_buffer_size - stats.current_buffer_used >= 2:
+                owners[shard] = self.node_names[shard]
+        return owners
 
     async def accept_small(self, row: MessageRow, target: Target) -> PushAccepted:
         """Listed device or user ids: resolve, classify and store the message with all its
         items in one transaction, so it is in the queue the moment it is acknowledged."""
-        ((row, items, shards, sendable),) = await self._store_small([(row, target)])
-        if shards:
-            self._note(shards, sendable, row.priority)
+        ((row, items, shards, sendable),), handed = await self._store_small([(row, target)])
+        self._note(shards, sendable, row.priority, handed)
         return PushAccepted(message_id=row.message_id, targeted=len(items))
 
     async def fan_out(self, message_id: str) -> int:
@@ -579,8 +633,15 @@ class CentralActor:
         log.info("fan-out done", message_id=message_id, items=total)
         return total
 
-    def _note(self, shards: set[int], sendable: int, priority: int) -> None:
+    def _note(
+        self, shards: set[int], sendable: int, priority: int, handed: AbstractSet[int] = frozenset()
+    ) -> None:
         # The queue's sweep and the nodes' polls find the work anyway; a hint may be dropped.
-        note = Enqueued(shards=sorted(shards), count=sendable, urgent=priority >= URGENT_PRIORITY)
+        urgent = priority >= URGENT_PRIORITY
+        if urgent:
+            shards = shards - handed  # already on their way: nothing for a woken lane
+        if not shards:
+            return
+        note = Enqueued(shards=sorted(shards), count=sendable, urgent=urgent)
         with contextlib.suppress(trio.WouldBlock):
             self.queue_notes.send_nowait(note)

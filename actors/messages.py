@@ -16,10 +16,14 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, Union, get_type_hints
 
 import msgpack
 import trio
+
+if TYPE_CHECKING:
+    from actors.queuestore import LeasedItem
+    from actors.registry import DeviceRecord
 
 __all__ = [
     "AppEvent",
@@ -27,6 +31,7 @@ __all__ = [
     "Delivered",
     "Enqueued",
     "Envelope",
+    "Handoff",
     "Message",
     "PushAccepted",
     "RegistryChanged",
@@ -133,6 +138,18 @@ class Envelope:
             # The asker may have given up; nothing to do then.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 self.reply.send_nowait(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """central -> node's express lane (in-process only, like Envelope): priority-10 items
+    that central leased to the node in the transaction that accepted them, with their
+    devices' current records, so that the express lane sends them at once instead of
+    being woken to lease them. The queue holds the truth: the items are leased to the
+    node, so a hand-off lost with the process is sent again once its lease runs out."""
+
+    items: list[LeasedItem]
+    records: dict[str, DeviceRecord]  # device id -> record
 
 
 def encode(message: Message) -> bytes:

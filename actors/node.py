@@ -39,7 +39,7 @@ from actors.analyzer import record_outcomes
 from actors.base import ActorContext, receive_unless_stopping
 from actors.idcode import InvalidCode
 from actors.live import Live, LiveRef
-from actors.messages import Delivered
+from actors.messages import Delivered, Handoff
 from actors.queuestore import ItemResult, LeasedItem, QueueStore
 from actors.registry import DeviceRecord, Registry
 from apns.outcome import Outcome, OutcomeClass
@@ -47,6 +47,13 @@ from apns.payload import EncodedNotification, InvalidNotification, Notification
 from apns.sender import Sender
 
 log = structlog.get_logger("actors.node")
+
+# A message to fewer devices than this sends its own headers (collapse id, expiration) as
+# HPACK literals, leaving the connection's header table to the headers every request shares.
+INDEXED_AUDIENCE = 16
+# The express lane's inbox: hand-offs from central (which sends one only while two slots
+# are free) and at most one kick from the node's waker.
+HANDOFF_SLOTS = 4
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,8 @@ class NodeActor:
         *,
         index: int,
         wake: trio.MemoryReceiveChannel[bool],
+        handoffs: trio.MemoryReceiveChannel[Handoff | None],
+        express_kick: trio.MemorySendChannel[Handoff | None],
         deliveries: trio.MemorySendChannel[Delivered],
         queue: QueueStore,
         live: LiveRef,
@@ -146,6 +155,9 @@ class NodeActor:
         self.index = index
         self.name = ctx.name
         self.wake = wake
+        # The express lane's inbox: central's hand-offs, and the waker's kicks (None).
+        self.handoffs = handoffs
+        self.express_kick = express_kick
         self.deliveries = deliveries
         self.queue = queue
         self.live = live
@@ -155,7 +167,7 @@ class NodeActor:
         self._urgent_backlog = False  # the express lane's last lease was a full one
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.wake, self.deliveries, trio.open_nursery() as nursery:
+        async with self.wake, self.handoffs, self.express_kick, self.deliveries, trio.open_nursery() as nursery:
             self._senders = nursery
             self._current = await self._start_sender()
             # The express lane's own connection: an urgent push is not queued behind a
@@ -164,7 +176,6 @@ class NodeActor:
             # Wake-ups go to ONE idle lane (a lane that finds more work wakes the next), so a
             # wake does not cost every lane an empty lease.
             self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
-            self._express_send, self._express_recv = trio.open_memory_channel[None](1)
             task_status.started()
             async with trio.open_nursery() as lanes:
                 lanes.start_soon(self._waker)
@@ -187,13 +198,20 @@ class NodeActor:
             # Every wake reaches the express lane (urgent items come from re-pushes and
             # sweeps too, whose wakes do not say so); an ordinary lane as well unless the
             # work is known to be urgent and the express lane is free to take it.
-            try:
-                self._express_send.send_nowait(None)
-                if urgent:
-                    continue
-            except trio.WouldBlock:
-                pass
+            if self._kick_express() and urgent:
+                continue
             self._wake_a_lane()
+
+    def _kick_express(self) -> bool:
+        """Wake the express lane unless something is already waiting in its inbox (one
+        kick at most: the rest of the inbox is kept for central's hand-offs)."""
+        if self.express_kick.statistics().current_buffer_used:
+            return False
+        try:
+            self.express_kick.send_nowait(None)
+        except trio.WouldBlock:
+            return False
+        return True
 
     def _wake_a_lane(self) -> None:
         with contextlib.suppress(trio.WouldBlock):
@@ -201,7 +219,8 @@ class NodeActor:
 
     async def _lane(self, lane: int, *, express: bool = False) -> None:
         done: Round | None = None  # the last batch's outcomes, not yet written
-        kick = self._express_recv if express else self._kick_recv
+        kick: trio.MemoryReceiveChannel[Any] = self.handoffs if express else self._kick_recv
+        handed: Handoff | None = None  # express lane: items central leased to this node
         polled = False  # the last idle wait ended by time, not by a wake-up
         while True:
             self.ctx.heartbeat.beat()
@@ -210,14 +229,19 @@ class NodeActor:
             limit = 0 if stopping else max(1, live.node_batch // max(1, live.node_lanes))
             items: list[LeasedItem] = []
             records: dict[str, DeviceRecord] = {}
-            if done is not None or limit:
+            if express:
+                # Every hand-off waiting in the inbox goes out in this round, together:
+                # under load they batch up like a lease does (also when stopping: they
+                # are in hand).
+                handed = self._take_handoffs(handed, limit=limit or None)
+            if done is not None or (limit and handed is None):
                 # One trip to the database thread per round: the last batch's outcomes
                 # and the next lease (with its devices' records) in one transaction.
                 leased = await self.queue.store.transaction(
                     functools.partial(
                         self._finish_and_lease,
                         done=done,
-                        limit=limit,
+                        limit=0 if handed is not None else limit,
                         lease_seconds=live.lease_seconds,
                         # Urgent items go to the express lane; the other lanes take them
                         # too only while it has more than it can lease in one round.
@@ -236,11 +260,13 @@ class NodeActor:
                     # due, or a wake-up that went missing (the stats op shows the count).
                     self.counters["found_by_poll"] += 1
                 polled = False
-                if express:
+                if express and handed is None:
                     self._urgent_backlog = len(items) == limit
                     if self._urgent_backlog:
                         self._wake_a_lane()  # more urgent work than one round: help
-            if stopping:
+            if handed is not None:
+                items, records, handed = handed.items, handed.records, None
+            elif stopping:
                 return
             # A new sender after the last batch's outcomes are written, not before.
             if live.apns_generation != self._current.generation and lane == 0:
@@ -261,8 +287,29 @@ class NodeActor:
                     handle.release()
                 continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
-            # for one heartbeat interval, whichever comes first; then lease again.
-            polled = not await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
+            # handed work, or for one heartbeat interval, whichever comes first.
+            got, message = await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
+            polled = not got
+            if isinstance(message, Handoff):
+                handed = message
+                self.counters["handed_over"] += len(message.items)
+
+    def _take_handoffs(self, first: Handoff | None, *, limit: int | None) -> Handoff | None:
+        """``first`` and the hand-offs waiting in the inbox (kicks dropped: this round
+        is the wake-up), merged into one, while the merged round is under ``limit``
+        items (a lane round; None: all)."""
+        items = list(first.items) if first is not None else []
+        records = dict(first.records) if first is not None else {}
+        while limit is None or len(items) < limit:
+            try:
+                message = self.handoffs.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(message, Handoff):
+                items += message.items
+                records.update(message.records)
+                self.counters["handed_over"] += len(message.items)
+        return Handoff(items, records) if items else None
 
     def _finish_and_lease(
         self,
@@ -341,6 +388,8 @@ class NodeActor:
         if cached is None:
             try:
                 cached = Notification.from_dict(item.message.notification).encode()
+                if item.message.audience < INDEXED_AUDIENCE:
+                    cached = cached.with_unindexed()
             except InvalidNotification as exc:
                 cached = exc
             self._encoded[item.message_id] = cached

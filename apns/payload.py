@@ -18,7 +18,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Final, NoReturn
+
+import hpack
 
 __all__ = [
     "Alert",
@@ -485,6 +487,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _NOTIFICATION_KEYS = frozenset(
     ("aps", "custom", "push_type", "topic", "priority", "expiration", "collapse_id", "apns_id")
 )
+PER_MESSAGE_HEADERS: Final = frozenset((b"apns-collapse-id", b"apns-expiration"))
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -505,6 +508,14 @@ class EncodedNotification:
         _check_apns_id(apns_id, "apns_id")
         headers = [h for h in self.headers if h[0] != b"apns-id"]
         headers.append((b"apns-id", apns_id.encode("ascii")))
+        return EncodedNotification(headers, self.body)
+
+    def with_unindexed(self, names: frozenset[bytes] = PER_MESSAGE_HEADERS) -> EncodedNotification:
+        """A copy whose ``names`` headers are sent as HPACK literals never added to the
+        connection's header table. For a message to one or a few devices, indexing its
+        own headers (collapse id, expiration) gains nothing and evicts the headers every
+        request repeats (topic, push type), which then cost a table search each."""
+        headers = [hpack.NeverIndexedHeaderTuple(*h) if h[0] in names else h for h in self.headers]
         return EncodedNotification(headers, self.body)
 
     @property

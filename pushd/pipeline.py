@@ -25,8 +25,8 @@ from actors.base import ActorContext
 from actors.central import CentralActor
 from actors.idcode import CodeKeys
 from actors.live import Live, LiveRef
-from actors.messages import AppEvent, Delivered, Enqueued, Envelope, RegistryChanged
-from actors.node import NodeActor
+from actors.messages import AppEvent, Delivered, Enqueued, Envelope, Handoff, RegistryChanged
+from actors.node import HANDOFF_SLOTS, NodeActor
 from actors.queue import WAKE_SLOTS, QueueActor
 from actors.queuestore import QueueStore
 from actors.registry import Registry
@@ -87,6 +87,10 @@ class Pipeline:
         # is urgent (priority 10). Pending wakes coalesce (see actors.queue.wake).
         self.wake_sends: list[trio.MemorySendChannel[bool]] = []
         self.wake_recvs: list[trio.MemoryReceiveChannel[bool]] = []
+        # Each node's express-lane inbox (index = shard): central hands it urgent items it
+        # leased in the accepting transaction; the node's waker kicks it (None).
+        self.handoff_sends: list[trio.MemorySendChannel[Handoff | None]] = []
+        self.handoff_recvs: list[trio.MemoryReceiveChannel[Handoff | None]] = []
         self.node_names: list[str] = []
         self.counters: Counter[str] = Counter()
         self.sim_setup = SimulatorSetup.prepare(config) if config.apns.environment == "simulator" else None
@@ -113,8 +117,8 @@ class Pipeline:
 
     def close_channels(self) -> None:
         channels: list[trio.abc.SendChannel[Any] | trio.abc.ReceiveChannel[Any]] = [
-            self.central_send, self.queue_send, self.analyzer_send, *self.wake_sends,
-            self.central_recv, self.queue_recv, self.analyzer_recv, *self.wake_recvs,
+            self.central_send, self.queue_send, self.analyzer_send, *self.wake_sends, *self.handoff_sends,
+            self.central_recv, self.queue_recv, self.analyzer_recv, *self.wake_recvs, *self.handoff_recvs,
         ]
         for channel in channels:
             assert isinstance(channel, (trio.MemorySendChannel, trio.MemoryReceiveChannel))
@@ -165,6 +169,8 @@ class Pipeline:
             registry=self.registry,
             queue=self.queue,
             live=self.live,
+            handoffs=self.handoff_sends,
+            node_names=self.node_names,
         )
 
     def _node(self, index: int) -> Callable[[ActorContext], NodeActor]:
@@ -173,6 +179,8 @@ class Pipeline:
                 ctx,
                 index=index,
                 wake=self.wake_recvs[index].clone(),
+                handoffs=self.handoff_recvs[index].clone(),
+                express_kick=self.handoff_sends[index].clone(),
                 deliveries=self.analyzer_send.clone(),
                 queue=self.queue,
                 live=self.live,
@@ -186,6 +194,9 @@ class Pipeline:
             send, recv = trio.open_memory_channel[bool](WAKE_SLOTS)
             self.wake_sends.append(send)
             self.wake_recvs.append(recv)
+            handoff_send, handoff_recv = trio.open_memory_channel[Handoff | None](HANDOFF_SLOTS)
+            self.handoff_sends.append(handoff_send)
+            self.handoff_recvs.append(handoff_recv)
         while len(self.node_names) < count:
             index = len(self.node_names)
             name = f"node-{index}"

@@ -286,3 +286,28 @@ async def test_transport_reports_refused_credentials(
             with pytest.raises(httpx.ConnectError, match="BadCertificateEnvironment"):
                 await client.post(f"https://127.0.0.1:{port}/3/device/ab", content=b"{}")
         nursery.cancel_scope.cancel()
+
+
+def test_per_message_headers_sent_unindexed_leave_the_table_to_shared_ones() -> None:
+    import hpack
+
+    from apns.connection import _HeaderEncoder
+    from apns.payload import Notification
+
+    encoder, decoder = _HeaderEncoder(), hpack.Decoder()
+    shared = [(b":method", b"POST"), (b"apns-topic", b"com.example.app")]
+    for i in range(50):
+        note = Notification.from_dict({
+            "topic": "com.example.app", "aps": {"alert": "hi"},
+            "collapse_id": f"message-{i}", "expiration": 1_900_000_000 + i,
+        }).encode().with_unindexed()  # fmt: skip
+        block = encoder.encode(shared + note.headers)
+        assert decoder.decode(block, raw=True) == [tuple(h) for h in shared + note.headers]
+    # Only the first request adds to the table; the shared headers stay one-byte indexes.
+    # (topic, push type, priority: :method is in the static table).
+    assert len(encoder.header_table.dynamic_entries) == 3 and len(encoder._memo) == 4
+    assert len(encoder.encode(shared)) == 2
+    indexed = Notification.from_dict(
+        {"topic": "com.example.app", "aps": {"alert": "hi"}, "collapse_id": "c"}
+    ).encode()
+    assert all(type(h) is tuple for h in indexed.headers)  # the default: indexable
