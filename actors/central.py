@@ -40,12 +40,13 @@ from actors.queuestore import URGENT_PRIORITY, ItemRow, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.rules import Rule, RuleError, compile_rule
 from actors.storage import StorageTimeout
+from actors.urgency import Urgency
 from apns.payload import InvalidNotification, Notification, PushType
 
 log = structlog.get_logger("actors.central")
 
 MAX_LISTED_IDS = 10_000
-CLASSIFY_SLICE = 100  # devices classified and sealed between two checkpoints in a fan-out
+CLASSIFY_SLICE = 25  # devices classified and sealed between two checkpoints in a fan-out
 SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
 ACCEPT_BATCH = 64  # pushes waiting in central's inbox stored together in one transaction
 UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches
@@ -193,6 +194,7 @@ class CentralActor:
         live: LiveRef,
         handoffs: list[trio.MemorySendChannel[Handoff | None]] | None = None,
         node_names: list[str] | None = None,
+        urgency: Urgency | None = None,
     ) -> None:
         self.ctx = ctx
         self.inbox = inbox
@@ -204,6 +206,7 @@ class CentralActor:
         # pipeline: an urgent push is leased to its node in the accepting transaction.
         self.handoffs = handoffs if handoffs is not None else []
         self.node_names = node_names if node_names is not None else []
+        self.urgency = urgency if urgency is not None else Urgency()
         self._fanout_wanted = trio.Event()
         self._failures: dict[str, int] = {}  # message id -> failed fan-out attempts
 
@@ -571,6 +574,7 @@ class CentralActor:
                 # items stay leased and are sent again after a restart reclaims them.
                 log.warning("urgent items not handed over", shard=shard, items=len(handoff.items))
                 continue
+            self.urgency.add()  # released by the express lane once it has sent them
             if len(handoff.items) < limit:
                 served.add(shard)  # nothing urgent left behind on that shard
         return prepared, served
@@ -614,8 +618,9 @@ class CentralActor:
             items, shards, sendable = [], set(), 0
             for start in range(0, len(batch), CLASSIFY_SLICE):
                 # Classifying and sealing is pure CPU: give other tasks (an urgent accept)
-                # a turn between slices instead of holding the loop for a whole page.
-                await trio.lowlevel.checkpoint()
+                # a turn between slices instead of holding the loop for a whole page,
+                # and wait while an urgent push is on its way (actors.urgency).
+                await self.urgency.step_aside()
                 some, some_shards, some_sendable = self._items(message, spec, batch[start : start + CLASSIFY_SLICE])
                 items += some
                 shards |= some_shards

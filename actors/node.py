@@ -42,6 +42,7 @@ from actors.live import Live, LiveRef
 from actors.messages import Delivered, Handoff
 from actors.queuestore import ItemResult, LeasedItem, QueueStore
 from actors.registry import DeviceRecord, Registry
+from actors.urgency import Urgency
 from apns.outcome import Outcome, OutcomeClass
 from apns.payload import EncodedNotification, InvalidNotification, Notification
 from apns.sender import Sender
@@ -54,6 +55,7 @@ INDEXED_AUDIENCE = 16
 # The express lane's inbox: hand-offs from central (which sends one only while two slots
 # are free) and at most one kick from the node's waker.
 HANDOFF_SLOTS = 4
+VERIFY_SLICE = 16  # items verified and encoded per turn of a lane
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class NodeActor:
         queue: QueueStore,
         live: LiveRef,
         counters: Counter[str] | None = None,
+        urgency: Urgency | None = None,
     ) -> None:
         self.ctx = ctx
         self.index = index
@@ -162,9 +165,11 @@ class NodeActor:
         self.queue = queue
         self.live = live
         self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.urgency = urgency if urgency is not None else Urgency()
         self._encoded: OrderedDict[str, EncodedNotification | InvalidNotification] = OrderedDict()
         self._log = log.bind(node=self.name)
         self._urgent_backlog = False  # the express lane's last lease was a full one
+        self._held_handoffs = 0  # express lane: hand-offs taken, urgency not yet released
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.wake, self.handoffs, self.express_kick, self.deliveries, trio.open_nursery() as nursery:
@@ -218,6 +223,14 @@ class NodeActor:
             self._kick_send.send_nowait(None)
 
     async def _lane(self, lane: int, *, express: bool = False) -> None:
+        try:
+            await self._rounds(lane, express=express)
+        finally:
+            if express:  # hand-offs taken but never sent: their urgency ends here
+                self.urgency.release(self._held_handoffs)
+                self._held_handoffs = 0
+
+    async def _rounds(self, lane: int, *, express: bool) -> None:
         done: Round | None = None  # the last batch's outcomes, not yet written
         kick: trio.MemoryReceiveChannel[Any] = self.handoffs if express else self._kick_recv
         handed: Handoff | None = None  # express lane: items central leased to this node
@@ -227,6 +240,8 @@ class NodeActor:
             stopping = self.ctx.stopping.is_set()
             live = self.live.current
             limit = 0 if stopping else max(1, live.node_batch // max(1, live.node_lanes))
+            if not express and self.urgency.count and not stopping:
+                await self.urgency.step_aside()  # an urgent push is on its way: let it pass
             items: list[LeasedItem] = []
             records: dict[str, DeviceRecord] = {}
             if express:
@@ -281,10 +296,15 @@ class NodeActor:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
                 handle = self._express if express else self._current
                 handle.users += 1
+                if express:
+                    self.urgency.add()  # bulk lanes step aside while this round is sent
                 try:
-                    done = await self.process(items, records, handle.sender)
+                    done = await self.process(items, records, handle.sender, bulk=not express)
                 finally:
                     handle.release()
+                    if express:
+                        self.urgency.release(1 + self._held_handoffs)
+                        self._held_handoffs = 0
                 continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
             # handed work, or for one heartbeat interval, whichever comes first.
@@ -292,6 +312,7 @@ class NodeActor:
             polled = not got
             if isinstance(message, Handoff):
                 handed = message
+                self._held_handoffs += 1
                 self.counters["handed_over"] += len(message.items)
 
     def _take_handoffs(self, first: Handoff | None, *, limit: int | None) -> Handoff | None:
@@ -306,6 +327,7 @@ class NodeActor:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             if isinstance(message, Handoff):
+                self._held_handoffs += 1
                 items += message.items
                 records.update(message.records)
                 self.counters["handed_over"] += len(message.items)
@@ -370,8 +392,10 @@ class NodeActor:
         live = self.live.current
         assert live.sender_config is not None, "no APNs sender configured"
         config = live.sender_config()
-        if connections is not None:
+        if connections is not None:  # the express lane's
             config = dataclasses.replace(config, connections=connections)
+        else:  # bulk sending steps aside for urgent pushes (actors.urgency)
+            config = dataclasses.replace(config, pace=self.urgency.step_aside)
         handle = SenderHandle(Sender(config), live.apns_generation)
 
         async def run_sender(
@@ -398,7 +422,12 @@ class NodeActor:
         return cached
 
     async def process(
-        self, items: list[LeasedItem], records: dict[str, DeviceRecord], sender: Sender
+        self,
+        items: list[LeasedItem],
+        records: dict[str, DeviceRecord],
+        sender: Sender,
+        *,
+        bulk: bool = False,
     ) -> Round:
         """Verify, re-check and send one leased batch; the outcomes, to be written with the
         next lease (:meth:`_finish_and_lease`)."""
@@ -447,7 +476,14 @@ class NodeActor:
                 )
             self.counters[f"{state}"] += 1
 
-        for item in items:
+        for n, item in enumerate(items):
+            if n % VERIFY_SLICE == 0 and (n or bulk):
+                # A big round in slices: other tasks get turns in between, and bulk work
+                # waits while an urgent push is on its way (see actors.urgency).
+                if bulk:
+                    await self.urgency.step_aside()
+                else:
+                    await trio.lowlevel.checkpoint()
             record = records.get(item.device_id)
             refusal = verify(item, record, live)
             if refusal is not None:

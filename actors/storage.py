@@ -1,8 +1,9 @@
 """The one SQLite database behind pushd, with a plain trio API.
 
-aiosqlite is asyncio-only; it runs here under trio through trio-asyncio and nowhere
-else. Every call is a function run on the raw ``sqlite3.Connection`` in aiosqlite's
-single worker thread, so:
+aiosqlite is asyncio-only: it is opened and closed here under trio through trio-asyncio,
+and nowhere else; every call in between is a function run on the raw
+``sqlite3.Connection`` in aiosqlite's single worker thread, whose result comes straight
+back to the calling trio task (:meth:`Store._call`), so:
 
 * a transaction (:meth:`Store.transaction`) runs as one unit in that thread —
   ``BEGIN IMMEDIATE``, the caller's statements, then ``COMMIT`` or ``ROLLBACK`` —
@@ -29,14 +30,16 @@ in order, one transaction per step; a database newer than the code is refused
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import aiosqlite
+import outcome
 import trio
 import trio_asyncio
 
@@ -266,6 +269,39 @@ def _snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -
         conn.execute("ROLLBACK")
 
 
+class _Reply:
+    """Stands in for the asyncio future that aiosqlite's worker thread completes: the
+    thread calls ``future.get_loop().call_soon_threadsafe(set_result, future, value)``
+    (or ``set_exception``), and aiosqlite's ``set_result`` checks ``done()`` first. Here
+    that wakes the waiting trio task directly."""
+
+    __slots__ = ("_task", "_token", "abandoned", "finished")
+
+    def __init__(self, token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task) -> None:
+        self._token = token
+        self._task = task
+        self.abandoned = False  # the waiting task was cancelled (a read): drop the result
+        self.finished = False
+
+    def get_loop(self) -> _Reply:
+        return self
+
+    def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # nobody is waiting any more
+            self._token.run_sync_soon(callback, *args)
+
+    def done(self) -> bool:
+        return self.finished or self.abandoned
+
+    def set_result(self, value: Any) -> None:
+        self.finished = True
+        trio.lowlevel.reschedule(self._task, outcome.Value(value))
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.finished = True
+        trio.lowlevel.reschedule(self._task, outcome.Error(exc))
+
+
 class Store:
     """One shared connection; see the module docstring for the guarantees."""
 
@@ -279,6 +315,7 @@ class Store:
     ) -> None:
         self._db = db
         self._loop = loop
+        self._token = trio.lowlevel.current_trio_token()
         self.path = path
         self.write_timeout = write_timeout
         self.schema_version = 0
@@ -290,18 +327,37 @@ class Store:
         # those two (and other urgent work). Two lines, so that a fan-out is not starved
         # by many node lanes.
         self._lines = {"send": trio.Lock(), "bulk": trio.Lock()}
+        # Awaited by non-urgent work before it joins its line: the owner's way to hold it
+        # back while urgent work is on its way (the pipeline: actors.urgency).
+        self.pace: Callable[[], Awaitable[None]] | None = None
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in the connection's thread; cancellable (for reads)."""
+        """Run ``fn(conn)`` in the connection's thread; cancellable (for reads: the
+        function still runs, its result is dropped).
+
+        The function goes on aiosqlite's own work queue (what ``Connection._execute``
+        does: the only way to run several statements as one unit in its thread), but
+        its result comes back to this task directly, through trio's thread-safe entry
+        point, instead of through an asyncio future and the trio-asyncio loop: under
+        load that path cost three trio scheduling rounds per database trip."""
+        if not self._db._running:
+            raise ValueError("the store is closed")
+        reply = _Reply(self._token, trio.lowlevel.current_task())
         conn = self._db._conn
-        # aiosqlite's own queue-a-function primitive: the only way to run several
-        # statements as one unit in its thread.
-        result: T = await trio_asyncio.aio_as_trio(self._db._execute, loop=self._loop)(fn, conn)
+        self._db._tx.put_nowait((reply, lambda: fn(conn)))  # type: ignore[arg-type]  # see _Reply
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            reply.abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
     async def _admitted(self, fn: Callable[[sqlite3.Connection], T], line: Line) -> T:
         if line == "urgent":
             return await self._call(fn)
+        if self.pace is not None:
+            await self.pace()
         async with self._lines[line]:
             return await self._call(fn)
 
@@ -313,6 +369,8 @@ class Store:
             if line == "urgent":
                 handed_over = True
                 return await self._call(fn)
+            if self.pace is not None:
+                await self.pace()
             async with self._lines[line]:
                 handed_over = True
                 return await self._call(fn)

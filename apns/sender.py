@@ -25,7 +25,7 @@ import bisect
 import math
 import random
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypedDict
@@ -67,6 +67,7 @@ ENVIRONMENTS = {"production": PRODUCTION_HOST, "sandbox": SANDBOX_HOST}
 #: How often one request may come back unprocessed from a stream (REFUSED_STREAM, above a
 #: GOAWAY's last stream id) before it is returned as RETRY.
 _MAX_HANDBACKS = 10
+SUBMIT_SLICE = 16  # requests put on the wire per turn of the batch's task
 
 
 @dataclass(kw_only=True)
@@ -84,6 +85,9 @@ class SenderConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     max_attempts: int = 3
+    # Awaited between slices of a batch and before each read from a connection: the
+    # owner's way to hold bulk sending back while urgent work needs the thread.
+    pace: Callable[[], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -196,6 +200,7 @@ class Sender:
                 connect_timeout=config.connect_timeout,
                 idle_ping_interval=config.idle_ping_interval,
                 ping_timeout=config.ping_timeout,
+                pace=config.pace,
             ),
             size=config.connections,
             backoff_base=config.backoff_base,
@@ -268,7 +273,11 @@ class Sender:
     async def _drive(self, batch: _Batch) -> None:
         config = self.config
         while batch.unfinished:
-            if batch.ready and not self._submit_ready(batch):
+            if batch.ready and self._submit_ready(batch) and batch.ready:
+                # The next slice after others had a turn.
+                await (config.pace or trio.lowlevel.checkpoint)()
+                continue
+            if batch.ready:
                 if self._pool.refusal is not None:  # APNs refused the credentials outright
                     jobs, batch.ready = batch.ready, []
                     for job in jobs:
@@ -300,13 +309,18 @@ class Sender:
                 batch.ready.append(delayed.pop(0))
 
     def _submit_ready(self, batch: _Batch) -> bool:
-        """Submit every ready job; False if some are left because no connection is up."""
+        """Submit up to :data:`SUBMIT_SLICE` ready jobs (a big batch goes out in slices, so
+        that other tasks, an urgent push among them, are not held up for the whole batch);
+        False if some are left because no connection is up."""
         pool = self._pool
         auth = self.config.auth
         deadline = trio.current_time() + self.config.request_timeout
         prefix = self._prefix
         jobs = batch.ready
         for i, job in enumerate(jobs):
+            if i == SUBMIT_SLICE:
+                batch.ready = jobs[i:]
+                return True
             headers: Headers = [*prefix, NeverIndexedHeaderTuple(b":path", job.path)]
             if auth is not None:
                 job.authorization = auth.authorization()

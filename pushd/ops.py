@@ -19,7 +19,7 @@ import trio
 from actors.analyzer import apply_consents, followup_summary
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
-from actors.queuestore import UnknownMessage
+from actors.queuestore import URGENT_PRIORITY, UnknownMessage
 from actors.registry import Consent, InvalidField, Permissions, Registration
 from actors.registry import validate as validate_registration
 from apns.payload import redact_token
@@ -267,19 +267,22 @@ class Ops:
             follow_up=follow_up,
         )
         reply_send, reply_recv = trio.open_memory_channel[Any](1)
-        async with reply_recv:
-            try:
-                with trio.fail_after(PUSH_TIMEOUT):
-                    await self.p.central_send.send(Envelope(request, reply_send))
-                    answer = await reply_recv.receive()
-            except trio.TooSlowError:
-                raise OpError(
-                    ErrorCode.UNAVAILABLE,
-                    f"central did not answer within {PUSH_TIMEOUT:g}s (restarting or overloaded); "
-                    "the push may not have been accepted",
-                ) from None
-            except trio.EndOfChannel:
-                raise OpError(ErrorCode.UNAVAILABLE, "central stopped; push not accepted") from None
+        # An urgent push: the node's bulk lanes step aside while it is being accepted.
+        urgent = self.p.urgency.hold() if priority >= URGENT_PRIORITY else contextlib.nullcontext()
+        with urgent:
+            async with reply_recv:
+                try:
+                    with trio.fail_after(PUSH_TIMEOUT):
+                        await self.p.central_send.send(Envelope(request, reply_send))
+                        answer = await reply_recv.receive()
+                except trio.TooSlowError:
+                    raise OpError(
+                        ErrorCode.UNAVAILABLE,
+                        f"central did not answer within {PUSH_TIMEOUT:g}s (restarting or overloaded); "
+                        "the push may not have been accepted",
+                    ) from None
+                except trio.EndOfChannel:
+                    raise OpError(ErrorCode.UNAVAILABLE, "central stopped; push not accepted") from None
         if isinstance(answer, Rejected):
             raise _invalid(answer.field, answer.message)
         if isinstance(answer, Failed):

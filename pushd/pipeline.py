@@ -32,6 +32,7 @@ from actors.queuestore import QueueStore
 from actors.registry import Registry
 from actors.rules import Classifier
 from actors.storage import Store, open_store
+from actors.urgency import Urgency
 from pushd.apnsconf import SimulatorActor, SimulatorSetup, sender_config_factory
 from pushd.config import Config
 
@@ -93,6 +94,8 @@ class Pipeline:
         self.handoff_recvs: list[trio.MemoryReceiveChannel[Handoff | None]] = []
         self.node_names: list[str] = []
         self.counters: Counter[str] = Counter()
+        self.urgency = Urgency()  # priority-10 pushes in flight: bulk work steps aside
+        store.pace = self.urgency.step_aside
         self.sim_setup = SimulatorSetup.prepare(config) if config.apns.environment == "simulator" else None
         self.sim_port: list[int] = []
         self.sim_actor: SimulatorActor | None = None
@@ -171,6 +174,7 @@ class Pipeline:
             live=self.live,
             handoffs=self.handoff_sends,
             node_names=self.node_names,
+            urgency=self.urgency,
         )
 
     def _node(self, index: int) -> Callable[[ActorContext], NodeActor]:
@@ -185,6 +189,7 @@ class Pipeline:
                 queue=self.queue,
                 live=self.live,
                 counters=self.counters,
+                urgency=self.urgency,
             )
 
         return factory
@@ -250,6 +255,7 @@ class Pipeline:
             "nodes": len(self.node_names),
             "queue": counts,
             "deliveries": dict(self.counters),
+            "urgent": {"in_flight": self.urgency.count, "bulk_steps_aside": self.urgency.waits},
             "follow_ups": await followup_totals(self.queue),
         }
 

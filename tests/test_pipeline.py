@@ -227,6 +227,9 @@ async def test_a_single_device_push_overtakes_a_running_broadcast(short_tmp: Pat
         order = [r.headers.get("apns-collapse-id") for r in simulator(daemon).requests]
         position = order.index(single["message_id"])
         assert position < len(order) - 100, f"single push answered at {position} of {len(order)}"
+        # The broadcast's lanes stepped aside for it, and the urgency ended with it.
+        stats = await call(short_tmp, "stats")
+        assert stats["urgent"]["bulk_steps_aside"] > 0 and stats["urgent"]["in_flight"] == 0
 
 
 async def test_an_urgent_push_takes_the_express_lane_while_every_ordinary_lane_is_busy(

@@ -217,7 +217,10 @@ async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
         assert len(first_conn) == 40  # at or below last-stream-id: answered there
         stats = sender.stats()
         assert stats["goaways"] == 1 and stats["reconnects"] == 1
-        assert stats["handbacks"] == 300 - 39
+        # Handed back: what went out on the first connection past its last stream id (the
+        # batch goes out in slices, so the rest had not left yet and went to the second).
+        assert 0 < stats["handbacks"] <= 300 - 39
+        assert len([r for r in sim.requests if r.connection_id == 2]) == 300 - 39
 
 
 async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
