@@ -75,11 +75,14 @@ async def receive_unless_stopping(
     ctx: ActorContext, channel: trio.MemoryReceiveChannel[T], seconds: float
 ) -> tuple[bool, T | None]:
     """Wait up to ``seconds`` for one message, returning early when a stop is requested:
-    (True, message), or (False, None) when the time ran out or a stop came first."""
+    (True, message), or (False, None) when the time ran out or a stop came first.
+
+    A message once received is always returned: the time may run out while the nursery
+    closes, after the receive, and that must not drop it."""
+    result: tuple[bool, T | None] = (False, None)
     with trio.move_on_after(seconds):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_then_cancel, ctx.stopping, nursery.cancel_scope)
-            message = await channel.receive()
+            result = (True, await channel.receive())
             nursery.cancel_scope.cancel()
-            return True, message
-    return False, None
+    return result

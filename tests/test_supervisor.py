@@ -196,3 +196,21 @@ async def test_drain_lets_in_flight_work_finish_by_the_deadline(autojump_clock: 
         assert sup.actors["quick"].state is ActorState.STOPPED
         nursery.cancel_scope.cancel()
     assert finished == ["quick"]
+
+
+async def test_a_message_received_as_the_wait_runs_out_is_not_dropped(mock_clock: trio.testing.MockClock) -> None:
+    from actors.base import ActorContext, Heartbeat, receive_unless_stopping
+
+    ctx = ActorContext("lane", Heartbeat(1.0))
+    send, recv = trio.open_memory_channel[str](1)
+    got: list[tuple[bool, str | None]] = []
+
+    async def waiter() -> None:
+        got.append(await receive_unless_stopping(ctx, recv, 1.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        send.send_nowait("hand-off")
+        mock_clock.jump(2.0)  # the wait's deadline passes before the waiter runs again
+    assert got == [(True, "hand-off")]
