@@ -246,21 +246,26 @@ class CentralActor:
             await envelope.answer(exc)
             return
         except StorageTimeout as exc:
-            log.error("push store timed out", error=str(exc), handed_over=exc.handed_over)
-            if not exc.handed_over:  # never started: a retry cannot double anything
-                await envelope.answer(Failed(f"storage is overloaded; the push was not accepted: {exc}"))
-                return
-            # The write still completes (all or nothing) but we cannot tell which: do not
-            # invite a blind retry that could double the notification.
-            await envelope.answer(
-                Failed(f"storage did not confirm in time; the push may have been accepted: {exc}")
-            )
+            await self._answer_timeout(envelope, exc)
             return
         except Exception as exc:
             log.exception("push could not be accepted")
             await envelope.answer(Failed(f"{type(exc).__name__}: {exc}"))
             return
         await envelope.answer(accepted)
+
+    async def _answer_timeout(self, envelope: Envelope, exc: StorageTimeout) -> None:
+        log.error("push store timed out", error=str(exc), handed_over=exc.handed_over)
+        if not exc.handed_over:  # never started: a retry cannot double anything
+            await envelope.answer(Failed(f"storage is overloaded; the push was not accepted: {exc}"))
+            return
+        # The write still completes (all or nothing) but we cannot tell which: do not
+        # invite a blind retry that could double the notification. (Its urgent items, if it
+        # commits, were leased for a hand-off that never came: the sweep hands them out
+        # again when the lease runs out.)
+        await envelope.answer(
+            Failed(f"storage did not confirm in time; the push may have been accepted: {exc}")
+        )
 
     async def _handle_many(self, envelopes: list[Envelope]) -> None:
         """A burst of pushes: the small ones are stored together in one transaction; a
@@ -287,6 +292,12 @@ class CentralActor:
             return
         try:
             prepared, handed = await self._store_small([(row, target) for _, row, target in small])
+        except StorageTimeout as exc:
+            # Not a failure of one push: retrying them one at a time could store twice
+            # what the timed-out write still commits. Each gets the timeout's answer.
+            for envelope, _, _ in small:
+                await self._answer_timeout(envelope, exc)
+            return
         except Exception:
             log.exception("batched accept failed; accepting one at a time")
             for envelope, _, _ in small:
@@ -533,6 +544,7 @@ class CentralActor:
             conn: sqlite3.Connection,
         ) -> tuple[list[tuple[MessageRow, list[ItemRow], set[int], int]], dict[int, Handoff]]:
             prepared = []
+            known: dict[str, DeviceRecord] = {}  # the records read now, for hand-offs
             for row, target in pushes:
                 topic = row.notification["topic"]
                 if target.devices is not None:
@@ -540,43 +552,44 @@ class CentralActor:
                     records = [r for r in found.values() if r.topic == topic and r.active]
                 else:
                     records = Registry.devices_of_users_in(conn, target.users or (), topic=topic)
+                known.update((r.device_id, r) for r in records)
                 items, shards, sendable = self._items(row, target, records)
                 prepared.append(
                     (dataclasses.replace(row, audience=len(items)), items, shards, sendable)
                 )
             self.queue.create_many_in(conn, [(row, items) for row, items, _, _ in prepared], now)
-            urgent = {
-                shard
-                for row, _, shards, _ in prepared
-                if row.priority >= URGENT_PRIORITY
-                for shard in shards
-                if shard in owners
-            }
+            urgent: dict[int, list[MessageRow]] = {}
+            for row, _, shards, _ in prepared:
+                if row.priority >= URGENT_PRIORITY:
+                    for shard in shards & owners.keys():
+                        urgent.setdefault(shard, []).append(row)
             handed = {}
-            for shard in sorted(urgent):
-                leased = self.queue.lease_in(
-                    conn, shard=shard, owner=owners[shard], limit=limit, now=time.time(),
-                    lease_seconds=live.lease_seconds, priorities="urgent",
+            for shard, rows in sorted(urgent.items()):
+                leased = self.queue.lease_new_in(
+                    conn, rows, shard=shard, owner=owners[shard], limit=limit, now=time.time(),
+                    lease_seconds=live.lease_seconds,
                 )  # fmt: skip
                 if leased:
-                    devices = {item.device_id for item in leased}
-                    handed[shard] = Handoff(leased, Registry.records_in(conn, devices))
+                    handed[shard] = Handoff(leased, {i.device_id: known[i.device_id] for i in leased})
             return prepared, handed
 
         # Accepting is what a waiting client sees: it skips the line of bulk store work.
         prepared, handed = await self.queue.store.transaction(write, line="urgent")
         served = set()
         for shard, handoff in handed.items():
+            # The node may have been stopped (a reload shrank the nodes) while the
+            # transaction ran: hand over only to a node still listed as running.
+            running = shard < len(self.node_names) and self.node_names[shard] == owners[shard]
             try:
+                if not running:
+                    raise trio.BrokenResourceError
                 self.handoffs[shard].send_nowait(handoff)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                # Only when the node's inbox closed (the pipeline is shutting down): the
-                # items stay leased and are sent again after a restart reclaims them.
-                log.warning("urgent items not handed over", shard=shard, items=len(handoff.items))
+                log.warning("urgent items not handed over; back to the queue", shard=shard, items=len(handoff.items))
+                await self.queue.unlease([item.item_id for item in handoff.items], owner=owners[shard])
                 continue
-            self.urgency.add()  # released by the express lane once it has sent them
             if len(handoff.items) < limit:
-                served.add(shard)  # nothing urgent left behind on that shard
+                served.add(shard)  # nothing new and urgent left behind on that shard
         return prepared, served
 
     def _handoff_owners(self, node_count: int) -> dict[int, str]:

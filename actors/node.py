@@ -56,6 +56,8 @@ INDEXED_AUDIENCE = 16
 # are free) and at most one kick from the node's waker.
 HANDOFF_SLOTS = 4
 VERIFY_SLICE = 16  # items verified and encoded per turn of a lane
+SMALL_AUDIENCE = 100  # an express round with a message to fewer devices holds the urgency
+STALE_HANDOFF = 5.0  # seconds: a handed item whose lease ends sooner is left to the queue
 
 
 @dataclass(frozen=True)
@@ -296,24 +298,23 @@ class NodeActor:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
                 handle = self._express if express else self._current
                 handle.users += 1
-                if express:
-                    self.urgency.add()  # bulk lanes step aside while this round is sent
+                # Bulk work steps aside while urgent pushes to a few devices are sent (a
+                # priority-10 broadcast going through the express lane does not count).
+                held = int(express and any(i.message.audience < SMALL_AUDIENCE for i in items))
+                self.urgency.add(held)
                 try:
                     done = await self.process(items, records, handle.sender, bulk=not express)
                 finally:
                     handle.release()
-                    if express:
-                        self.urgency.release(1 + self._held_handoffs)
-                        self._held_handoffs = 0
+                    self.urgency.release(held + self._held_handoffs)
+                    self._held_handoffs = 0
                 continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
             # handed work, or for one heartbeat interval, whichever comes first.
             got, message = await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
             polled = not got
             if isinstance(message, Handoff):
-                handed = message
-                self._held_handoffs += 1
-                self.counters["handed_over"] += len(message.items)
+                handed = self._take(message, [], {})
 
     def _take_handoffs(self, first: Handoff | None, *, limit: int | None) -> Handoff | None:
         """``first`` and the hand-offs waiting in the inbox (kicks dropped: this round
@@ -327,10 +328,23 @@ class NodeActor:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             if isinstance(message, Handoff):
-                self._held_handoffs += 1
-                items += message.items
-                records.update(message.records)
-                self.counters["handed_over"] += len(message.items)
+                self._take(message, items, records)
+        return Handoff(items, records) if items else None
+
+    def _take(self, handoff: Handoff, items: list[LeasedItem], records: dict[str, DeviceRecord]) -> Handoff | None:
+        """Add a hand-off's items to ``items``: bulk work steps aside until they are
+        sent. Items whose lease is (nearly) over are left to the queue: a sweep hands
+        them out again, so sending them here could send them twice (a hand-off can
+        wait in the inbox while the node restarts)."""
+        fresh_until = time.time() + STALE_HANDOFF
+        fresh = [item for item in handoff.items if item.lease_until > fresh_until]
+        self.counters["handed_over"] += len(fresh)
+        self.counters["handoffs_stale"] += len(handoff.items) - len(fresh)
+        if fresh:
+            self.urgency.add()  # released once the round they go out in is sent
+            self._held_handoffs += 1
+            items += fresh
+            records.update((item.device_id, handoff.records[item.device_id]) for item in fresh)
         return Handoff(items, records) if items else None
 
     def _finish_and_lease(

@@ -411,6 +411,71 @@ class QueueStore:
             for r in live
         ]
 
+    def lease_new_in(
+        self,
+        conn: sqlite3.Connection,
+        messages: Sequence[MessageRow],
+        *,
+        shard: int,
+        owner: str,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+    ) -> list[LeasedItem]:
+        """Inside the transaction that just stored ``messages``: lease up to ``limit`` of
+        their queued items on ``shard`` (oldest first), for the caller to hand over. The
+        messages are taken as given, not read back (they were written in this
+        transaction and cannot have expired)."""
+        if limit < 1 or not messages:
+            return []
+        until = now + lease_seconds
+        by_id = {m.message_id: m for m in messages}
+        ids = list(by_id)
+        rows = conn.execute(
+            f"""UPDATE items SET state = 'leased', lease_owner = ?, lease_until = ?,
+                   attempts = attempts + 1, updated_at = ?
+               WHERE item_id IN (SELECT item_id FROM items
+                   WHERE message_id IN ({_marks(len(ids))}) AND shard = ?
+                       AND state = 'queued' AND deferred = 0
+                   ORDER BY item_id LIMIT ?)
+               RETURNING item_id, message_id, device_id, shard, idcode, priority,
+                   enqueued_at, attempts""",
+            (owner, until, now, *ids, shard, limit),
+        ).fetchall()
+        return [
+            LeasedItem(
+                item_id=r["item_id"],
+                message=by_id[r["message_id"]],
+                device_id=r["device_id"],
+                shard=r["shard"],
+                idcode=r["idcode"],
+                priority=r["priority"],
+                enqueued_at=r["enqueued_at"],
+                attempts=r["attempts"],
+                lease_owner=owner,
+                lease_until=until,
+            )
+            for r in sorted(rows, key=lambda r: r["item_id"])
+        ]
+
+    async def unlease(self, item_ids: Sequence[int], *, owner: str) -> int:
+        """Give items leased to ``owner`` but never sent back to the queue, as if never
+        leased (the attempt is not counted); returns how many."""
+
+        def write(conn: sqlite3.Connection) -> int:
+            n = 0
+            for chunk in _chunks(list(item_ids)):
+                n += conn.execute(
+                    f"""UPDATE items SET state = 'queued', lease_owner = NULL, lease_until = NULL,
+                           attempts = max(0, attempts - 1)
+                       WHERE item_id IN ({_marks(len(chunk))}) AND state = 'leased'
+                           AND lease_owner = ?""",
+                    (*chunk, owner),
+                ).rowcount
+            return n
+
+        return await self.store.transaction(write, line="urgent")
+
     async def ack(self, results: Sequence[ItemResult], *, now: float) -> int:
         """Record final outcomes in one transaction; returns how many items changed.
 

@@ -296,6 +296,26 @@ async def test_an_urgent_push_is_handed_to_its_node_and_an_urgent_backlog_still_
         assert stats["queue"]["items"]["sent"] == 80 and 1 < handed(stats) < 79  # some via the lease path
 
 
+async def test_a_hand_off_whose_lease_is_ending_is_left_to_the_queue_not_sent_twice(short_tmp: Path) -> None:
+    from actors.messages import Handoff
+
+    async with running(short_tmp, nodes=1) as daemon:
+        tok = await register_all(short_tmp, [device("d0", "u0")])
+        p = daemon.pipeline
+        # Due in 2 s, so no lane leases it first; leased here as due, for 1 s.
+        mid = await enqueue_direct(daemon, "d0", user_id="u0", class_id="everyone", delay=2.0)
+        # As if a hand-off had waited in the inbox (a node restarting) until its lease was
+        # nearly over: the sweep is about to hand the item out again.
+        leased = await p.queue.lease(shard=0, owner="node-0", limit=1, now=time.time() + 2.0, lease_seconds=1.0)
+        assert [i.message_id for i in leased] == [mid]
+        records = await p.registry.get_many(["d0"])
+        p.handoff_sends[0].send_nowait(Handoff(leased, records))
+        await settled(short_tmp, mid)
+        assert reached(daemon, mid) == {tok["d0"]: 1}  # sent once: by the lane that re-leased it
+        stats = await call(short_tmp, "stats")
+        assert stats["deliveries"]["handoffs_stale"] == 1 and stats["urgent"]["in_flight"] == 0
+
+
 async def test_bulk_registration_is_all_or_nothing(short_tmp: Path) -> None:
     async with running(short_tmp):
         good = [device(f"m{i}", "u1") for i in range(5)]

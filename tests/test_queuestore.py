@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,14 @@ from typing import Any
 import pytest
 import trio
 
-from actors.queuestore import ItemResult, ItemRow, MessageRow, QueueStore, UnknownMessage
+from actors.queuestore import (
+    ItemResult,
+    ItemRow,
+    LeasedItem,
+    MessageRow,
+    QueueStore,
+    UnknownMessage,
+)
 from actors.storage import MIGRATIONS, open_store
 
 T0 = 1_700_000_000.0
@@ -471,3 +479,25 @@ async def test_a_wedged_sweep_stops_the_queue_actors_heartbeat(
             # watchdog fires once the age passes heartbeat_timeout.
             assert ctx.heartbeat.age() > 10
             nursery.cancel_scope.cancel()
+
+
+async def test_new_items_are_leased_for_a_hand_over_and_given_back_if_it_fails(queue: QueueStore) -> None:
+    await push(queue, "old", 2)  # queued earlier: not part of the hand-over
+    await push(queue, "m1", 3)
+    await push(queue, "m2", 1)
+    rows = [message("m1", audience=3), message("m2")]
+
+    def lease(conn: sqlite3.Connection) -> list[LeasedItem]:
+        return queue.lease_new_in(conn, rows, shard=0, owner="node-0", limit=3, now=T0, lease_seconds=30)
+
+    leased = await queue.store.transaction(lease)
+    assert [(i.message_id, i.attempts, i.lease_owner) for i in leased] == [("m1", 1, "node-0")] * 3
+    assert leased[0].message is rows[0]  # as given, not read back
+    rest = await queue.store.transaction(lease)  # the limit left m2's item for the next one
+    assert [i.message_id for i in rest] == ["m2"]
+    # Not handed over after all: back in the queue, the attempt not counted; another
+    # owner's lease on the same ids is not touched.
+    assert await queue.unlease([i.item_id for i in leased], owner="node-1") == 0
+    assert await queue.unlease([i.item_id for i in leased], owner="node-0") == 3
+    again = await queue.lease(shard=0, owner="n1", limit=10, now=T0 + 1, lease_seconds=30)
+    assert sorted((i.message_id, i.attempts) for i in again) == [("m1", 1)] * 3 + [("old", 1)] * 2
