@@ -146,7 +146,9 @@ class Handoff:
     that central leased to the node in the transaction that accepted them, with their
     devices' current records, so that the express lane sends them at once instead of
     being woken to lease them. The queue holds the truth: the items are leased to the
-    node, so a hand-off lost with the process is sent again once its lease runs out."""
+    node, so a hand-off that is never sent (lost with the process, or with a lane that
+    crashed while taking it) is handed out again by the sweep once its lease runs out;
+    the node leaves a hand-off whose lease is nearly over to the queue."""
 
     items: list[LeasedItem]
     records: dict[str, DeviceRecord]  # device id -> record

@@ -5,7 +5,8 @@ nodes lease from it directly. This actor keeps it moving:
 
 * wakes the node that owns a shard when central (or the analyzer) reports new work —
   through each node's small wake channel, so a burst of reports costs one wake-up; a
-  report of priority-10 work wakes the node's express lane;
+  report of priority-10 work wakes the node's express lane (urgent pushes that central
+  handed to the express lane directly are not reported: they need no wake-up);
 * every ``sweep_interval`` seconds: hands leases that ran out (a crashed or stopped node's
   work) back to the queue, marks items of expired messages as expired, moves work of
   shards no node owns any more (after the node count shrank) to a live shard, and wakes

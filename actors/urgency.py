@@ -6,10 +6,12 @@ it, read the answer) waits for a turn behind the broadcast's lanes. So the pipel
 keeps one count of the priority-10 pushes being accepted, handed over or sent:
 
 * the control op ``push`` holds it while central accepts a priority-10 push;
-* central adds one for each hand-off to a node's express lane, which releases it once
-  it has sent what it was handed (and holds it while it sends urgent items it leased);
-* a node's ordinary lanes call :meth:`Urgency.step_aside` before each slice of work:
-  while the count is above zero they wait, at most ``max_wait`` each time.
+* a node's express lane holds it from taking a hand-off (central's in-memory hand-over
+  of an urgent push) until the round it goes out in is answered, and while it sends
+  urgent pushes to fewer than ``actors.node.SMALL_AUDIENCE`` devices that it leased;
+* bulk work calls :meth:`Urgency.step_aside` before each slice: the ordinary lanes,
+  the bulk connections' reads and batches, a fan-out, non-urgent database work. While
+  the count is above zero they wait, at most ``max_wait`` each time.
 
 The wait is bounded, so a count that never came down (a bug) slows bulk work but never
 stops it; the ``stats`` op shows the count.
@@ -27,6 +29,7 @@ __all__ = ["Urgency"]
 
 class Urgency:
     def __init__(self, max_wait: float = 0.05) -> None:
+        # 20 ms and 50 ms measured alike for head of line (BENCHMARKS.md, 2026-11-28).
         self.max_wait = max_wait
         self.count = 0
         self.waits = 0  # how often bulk work stepped aside (stats)
