@@ -46,7 +46,7 @@ from apns.payload import InvalidNotification, Notification, PushType
 log = structlog.get_logger("actors.central")
 
 MAX_LISTED_IDS = 10_000
-CLASSIFY_SLICE = 25  # devices classified and sealed between two checkpoints in a fan-out
+CLASSIFY_SLICE = 100  # devices classified and sealed between two checkpoints in a fan-out
 SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
 ACCEPT_BATCH = 64  # pushes waiting in central's inbox stored together in one transaction
 UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches
@@ -588,6 +588,10 @@ class CentralActor:
                 log.warning("urgent items not handed over; back to the queue", shard=shard, items=len(handoff.items))
                 await self.queue.unlease([item.item_id for item in handoff.items], owner=owners[shard])
                 continue
+            # Bulk work steps aside from now until the express lane has sent them (it
+            # takes this count over); a node listed as running takes what is in its
+            # inbox, also when it stops or restarts.
+            self.urgency.add()
             if len(handoff.items) < limit:
                 served.add(shard)  # nothing new and urgent left behind on that shard
         return prepared, served

@@ -242,8 +242,8 @@ class NodeActor:
             stopping = self.ctx.stopping.is_set()
             live = self.live.current
             limit = 0 if stopping else max(1, live.node_batch // max(1, live.node_lanes))
-            if not express and self.urgency.count and not stopping:
-                await self.urgency.step_aside()  # an urgent push is on its way: let it pass
+            if not express and not stopping:
+                await self.urgency.wait_if_urgent()  # an urgent push is on its way: let it pass
             items: list[LeasedItem] = []
             records: dict[str, DeviceRecord] = {}
             if express:
@@ -332,16 +332,18 @@ class NodeActor:
         return Handoff(items, records) if items else None
 
     def _take(self, handoff: Handoff, items: list[LeasedItem], records: dict[str, DeviceRecord]) -> Handoff | None:
-        """Add a hand-off's items to ``items``: bulk work steps aside until they are
-        sent. Items whose lease is (nearly) over are left to the queue: a sweep hands
+        """Add a hand-off's items to ``items``. Items whose lease is (nearly) over are left to the queue: a sweep hands
         them out again, so sending them here could send them twice (a hand-off can
         wait in the inbox while the node restarts)."""
         fresh_until = time.time() + STALE_HANDOFF
         fresh = [item for item in handoff.items if item.lease_until > fresh_until]
         self.counters["handed_over"] += len(fresh)
         self.counters["handoffs_stale"] += len(handoff.items) - len(fresh)
-        if fresh:
-            self.urgency.add()  # released once the round they go out in is sent
+        # Central counted the hand-off as urgent work in flight; this lane releases it
+        # once the round its items go out in is answered (at once if none go out).
+        if not fresh:
+            self.urgency.release()
+        else:
             self._held_handoffs += 1
             items += fresh
             records.update((item.device_id, handoff.records[item.device_id]) for item in fresh)
@@ -409,7 +411,9 @@ class NodeActor:
         if connections is not None:  # the express lane's
             config = dataclasses.replace(config, connections=connections)
         else:  # bulk sending steps aside for urgent pushes (actors.urgency)
-            config = dataclasses.replace(config, pace=self.urgency.step_aside)
+            config = dataclasses.replace(
+                config, pace=self.urgency.step_aside, read_pace=self.urgency.wait_if_urgent
+            )
         handle = SenderHandle(Sender(config), live.apns_generation)
 
         async def run_sender(

@@ -58,6 +58,12 @@ class Urgency:
         finally:
             self.release()
 
+    async def wait_if_urgent(self) -> None:
+        """:meth:`step_aside` without the checkpoint when nothing urgent is in flight: for
+        callers that are about to checkpoint anyway (a read, a database call)."""
+        if self.count:
+            await self.step_aside()
+
     async def step_aside(self) -> None:
         """For bulk work between two slices: wait while urgent work is in flight (at most
         ``max_wait``), else just a checkpoint."""

@@ -197,6 +197,7 @@ class Connection:
         self._limit = 1
         self._accepting = False
         self._goaway = False
+        self._draining = False  # closing once the open streams are answered (see _drain)
         self.goaway_reason: str | None = None  # the APNs reason in the server's GOAWAY
         self._closed = False
         self._peer_failed = False  # EOF, a broken socket or an unanswered PING
@@ -457,8 +458,29 @@ class Connection:
             # Answered before we finished the body: stop sending it.
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         request._finish(result, detail)
-        if self._goaway and not self._active:
+        if (
+            not self._draining
+            and isinstance(result, Response)
+            and result.status == 429
+            and b"TooManyProviderTokenUpdates" in result.body
+        ):
+            # This connection saw a new provider token too soon after the last one (a
+            # token bucket rolled over on a young connection): it stays refused for a
+            # while. A new connection takes the current token; finish the rest here.
+            self._drain("TooManyProviderTokenUpdates")
+        if (self._goaway or self._draining) and not self._active:
             self.close(self.close_reason or "GOAWAY")
+
+    def _drain(self, reason: str) -> None:
+        """Take no new requests; close once the open streams are answered (the pool then
+        opens a new connection). Requests still waiting for a stream slot are handed back
+        unsent."""
+        self._draining = True
+        self._accepting = False
+        self.close_reason = reason
+        queue, self._queue = self._queue, deque()
+        for request in queue:
+            request._finish(Failure.NOT_SENT, reason)
 
     def _expire(self, request: Request) -> None:
         stream_id = request.stream_id

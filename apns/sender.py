@@ -85,9 +85,11 @@ class SenderConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     max_attempts: int = 3
-    # Awaited between slices of a batch and before each read from a connection: the
-    # owner's way to hold bulk sending back while urgent work needs the thread.
+    # The owner's way to hold bulk sending back while urgent work needs the thread:
+    # ``pace`` is awaited between slices of a batch (it must checkpoint), ``read_pace``
+    # before each read from a connection.
     pace: Callable[[], Awaitable[None]] | None = None
+    read_pace: Callable[[], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -200,7 +202,7 @@ class Sender:
                 connect_timeout=config.connect_timeout,
                 idle_ping_interval=config.idle_ping_interval,
                 ping_timeout=config.ping_timeout,
-                pace=config.pace,
+                pace=config.read_pace,
             ),
             size=config.connections,
             backoff_base=config.backoff_base,

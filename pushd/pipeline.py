@@ -95,7 +95,7 @@ class Pipeline:
         self.node_names: list[str] = []
         self.counters: Counter[str] = Counter()
         self.urgency = Urgency()  # priority-10 pushes in flight: bulk work steps aside
-        store.pace = self.urgency.step_aside
+        store.pace = self.urgency.wait_if_urgent
         self.sim_setup = SimulatorSetup.prepare(config) if config.apns.environment == "simulator" else None
         self.sim_port: list[int] = []
         self.sim_actor: SimulatorActor | None = None

@@ -482,3 +482,21 @@ async def test_transport_under_httpx_async_client(
             bad = await client.post("/3/device/xyz", headers=headers, content=b"{}")
             assert bad.status_code == 400 and bad.json() == {"reason": "BadDeviceToken"}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_token_change_on_a_young_connection_moves_sending_to_a_new_connection(
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    # The provider token changes every 3000 s for everyone; APNs refuses a connection a new
+    # token within 20 minutes of its previous one (here: within 4000 s, so the first
+    # change already is too soon) and keeps refusing that connection.
+    config = SimConfig(jwt_min_refresh=4000.0, jwt_wedge=600.0)
+    async with running(tls, signing, config, backoff_base=1.0) as (sim, sender):
+        assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
+        await trio.sleep(3001.0)  # the token bucket rolled over
+        outcomes = await sender.send_many([(TOKEN, note()) for _ in range(5)])
+        assert [o.klass for o in outcomes] == [OutcomeClass.DELIVERED] * 5
+        refused = [r for r in sim.requests if r.reason == "TooManyProviderTokenUpdates"]
+        assert refused and {r.connection_id for r in refused} == {1}
+        assert {r.connection_id for r in sim.requests if r.status == 200} == {1, 2}
+        assert sender.stats()["reconnects"] == 1
