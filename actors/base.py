@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import trio
 
-__all__ = ["ActorContext", "Heartbeat", "receive_unless_stopping", "receive_within"]
+__all__ = ["ActorContext", "Heartbeat", "StopAwareWaits", "receive_within"]
 
 T = TypeVar("T")
 
@@ -71,18 +71,31 @@ async def receive_within(channel: trio.MemoryReceiveChannel[T], seconds: float) 
     return False, None
 
 
-async def receive_unless_stopping(
-    ctx: ActorContext, channel: trio.MemoryReceiveChannel[T], seconds: float
-) -> tuple[bool, T | None]:
-    """Wait up to ``seconds`` for one message, returning early when a stop is requested:
-    (True, message), or (False, None) when the time ran out or a stop came first.
+class StopAwareWaits:
+    """Bounded waits on channels that end early when a stop is requested.
 
-    A message once received is always returned: the time may run out while the nursery
-    closes, after the receive, and that must not drop it."""
-    result: tuple[bool, T | None] = (False, None)
-    with trio.move_on_after(seconds):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_then_cancel, ctx.stopping, nursery.cancel_scope)
-            result = (True, await channel.receive())
-            nursery.cancel_scope.cancel()
-    return result
+    ``watch`` runs as one task beside the waiters and cancels every wait in progress when
+    ``ctx.stopping`` is set, so a wait costs no task of its own. A message, once
+    received, is always returned: nothing runs between the receive and the return."""
+
+    def __init__(self, ctx: ActorContext) -> None:
+        self.ctx = ctx
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def watch(self) -> None:
+        await self.ctx.stopping.wait()
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    async def receive(self, channel: trio.MemoryReceiveChannel[T], seconds: float) -> tuple[bool, T | None]:
+        """(True, message), or (False, None) when the time ran out or a stop came first."""
+        if self.ctx.stopping.is_set():
+            await trio.lowlevel.checkpoint()
+            return False, None
+        with trio.move_on_after(seconds) as scope:
+            self._scopes.add(scope)
+            try:
+                return True, await channel.receive()
+            finally:
+                self._scopes.discard(scope)
+        return False, None

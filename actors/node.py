@@ -36,7 +36,7 @@ import trio
 
 from actors.analyzer import Outcome as FollowUpOutcome
 from actors.analyzer import record_outcomes
-from actors.base import ActorContext, receive_unless_stopping
+from actors.base import ActorContext, StopAwareWaits
 from actors.idcode import InvalidCode
 from actors.live import Live, LiveRef
 from actors.messages import Delivered, Handoff
@@ -58,6 +58,8 @@ HANDOFF_SLOTS = 4
 VERIFY_SLICE = 16  # items verified and encoded per turn of a lane
 SMALL_AUDIENCE = 100  # an express round with a message to fewer devices holds the urgency
 STALE_HANDOFF = 5.0  # seconds: a handed item whose lease ends sooner is left to the queue
+OUTCOME_SLOTS = 8  # express rounds waiting to be recorded before the lane waits for them
+EXPRESS_ROUNDS = 4  # express rounds in flight at once
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,8 @@ class NodeActor:
         self._log = log.bind(node=self.name)
         self._urgent_backlog = False  # the express lane's last lease was a full one
         self._held_handoffs = 0  # express lane: hand-offs taken, urgency not yet released
+        self._kicked = False  # express lane: a wake-up was found among the hand-offs
+        self._waits = StopAwareWaits(ctx)  # the lanes' idle waits
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.wake, self.handoffs, self.express_kick, self.deliveries, trio.open_nursery() as nursery:
@@ -183,17 +187,24 @@ class NodeActor:
             # Wake-ups go to ONE idle lane (a lane that finds more work wakes the next), so a
             # wake does not cost every lane an empty lease.
             self._kick_send, self._kick_recv = trio.open_memory_channel[None](1)
+            # The express lane's outcomes are written by a task of their own, so that the
+            # lane is free for the next urgent push while they are (see _write_outcomes).
+            self._outcomes, outcomes = trio.open_memory_channel[Round](OUTCOME_SLOTS)
             task_status.started()
             async with trio.open_nursery() as lanes:
                 lanes.start_soon(self._waker)
+                lanes.start_soon(self._waits.watch)
+                written = trio.Event()
+                lanes.start_soon(self._write_outcomes, outcomes, written)
                 # Several lanes lease and send concurrently, each a slice of the batch: a
                 # new message waits for the next free lane, not for a whole batch. The
                 # express lane leases only priority-10 items, so an urgent push does not
                 # wait for lanes busy with a broadcast.
-                async with trio.open_nursery() as work:
+                async with self._outcomes, trio.open_nursery() as work:
                     for lane in range(self.live.current.node_lanes):
                         work.start_soon(self._lane, lane)
                     work.start_soon(functools.partial(self._lane, -1, express=True))
+                await written.wait()  # every outcome of the express lane is recorded
                 lanes.cancel_scope.cancel()
             self._current.retire()
             self._express.retire()
@@ -224,9 +235,25 @@ class NodeActor:
         with contextlib.suppress(trio.WouldBlock):
             self._kick_send.send_nowait(None)
 
+    async def _express_round(
+        self, items: list[LeasedItem], records: dict[str, DeviceRecord], handle: SenderHandle, held: int
+    ) -> None:
+        try:
+            done = await self.process(items, records, handle.sender)
+            await self._outcomes.send(done)  # recorded by _write_outcomes
+        finally:
+            handle.release()
+            self.urgency.release(held)
+            self._express_slots.release()
+
     async def _lane(self, lane: int, *, express: bool = False) -> None:
         try:
-            await self._rounds(lane, express=express)
+            if express:
+                self._express_slots = trio.Semaphore(EXPRESS_ROUNDS)
+                async with trio.open_nursery() as self._express_rounds:
+                    await self._rounds(lane, express=True)
+            else:
+                await self._rounds(lane, express=False)
         finally:
             if express:  # hand-offs taken but never sent: their urgency ends here
                 self.urgency.release(self._held_handoffs)
@@ -236,6 +263,9 @@ class NodeActor:
         done: Round | None = None  # the last batch's outcomes, not yet written
         kick: trio.MemoryReceiveChannel[Any] = self.handoffs if express else self._kick_recv
         handed: Handoff | None = None  # express lane: items central leased to this node
+        # Express lane: lease (urgent items queued, not handed over) when woken or polled,
+        # or while its leases come back full; not after each hand-off.
+        lease_wanted = True
         polled = False  # the last idle wait ended by time, not by a wake-up
         while True:
             self.ctx.heartbeat.beat()
@@ -251,7 +281,9 @@ class NodeActor:
                 # under load they batch up like a lease does (also when stopping: they
                 # are in hand).
                 handed = self._take_handoffs(handed, limit=limit or None)
-            if done is not None or (limit and handed is None):
+                if self._kicked:
+                    self._kicked, lease_wanted = False, True
+            if done is not None or (limit and handed is None and lease_wanted):
                 # One trip to the database thread per round: the last batch's outcomes
                 # and the next lease (with its devices' records) in one transaction.
                 leased = await self.queue.store.transaction(
@@ -281,6 +313,7 @@ class NodeActor:
                     self._urgent_backlog = len(items) == limit
                     if self._urgent_backlog:
                         self._wake_a_lane()  # more urgent work than one round: help
+            handed_round = handed is not None
             if handed is not None:
                 items, records, handed = handed.items, handed.records, None
             elif stopping:
@@ -296,29 +329,60 @@ class NodeActor:
             if items:
                 if len(items) == limit and not express:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
-                handle = self._express if express else self._current
+                if express:
+                    # Express rounds overlap (up to EXPRESS_ROUNDS): the next urgent push
+                    # does not wait for the previous one's answer. Bulk work steps aside
+                    # while urgent pushes to a few devices are sent (a priority-10
+                    # broadcast going through the express lane does not count).
+                    # (Hand-offs were counted by central when it sent them.)
+                    await self._express_slots.acquire()
+                    leased_small = not handed_round and any(
+                        i.message.audience < SMALL_AUDIENCE for i in items
+                    )
+                    self.urgency.add(int(leased_small))
+                    held, self._held_handoffs = self._held_handoffs + int(leased_small), 0
+                    self._express.users += 1
+                    self._express_rounds.start_soon(self._express_round, items, records, self._express, held)
+                    lease_wanted = self._urgent_backlog and not handed_round
+                    continue
+                handle = self._current
                 handle.users += 1
-                # Bulk work steps aside while urgent pushes to a few devices are sent (a
-                # priority-10 broadcast going through the express lane does not count).
-                held = int(express and any(i.message.audience < SMALL_AUDIENCE for i in items))
-                self.urgency.add(held)
                 try:
-                    done = await self.process(items, records, handle.sender, bulk=not express)
+                    done = await self.process(items, records, handle.sender, bulk=True)
                 finally:
                     handle.release()
-                    self.urgency.release(held + self._held_handoffs)
-                    self._held_handoffs = 0
                 continue
             # Idle until woken (new work, a retry falling due: the queue actor's sweep) or
             # handed work, or for one heartbeat interval, whichever comes first.
-            got, message = await receive_unless_stopping(self.ctx, kick, self.ctx.heartbeat.interval)
+            got, message = await self._waits.receive(kick, self.ctx.heartbeat.interval)
             polled = not got
             if isinstance(message, Handoff):
                 handed = self._take(message, [], {})
+            else:
+                lease_wanted = True  # woken, or the poll interval passed
+
+    async def _write_outcomes(self, rounds: trio.MemoryReceiveChannel[Round], written: trio.Event) -> None:
+        """The express lane's outcomes, recorded as they come: every round waiting is
+        written in one transaction. Ends once the lane is done and all are written."""
+        async with rounds:
+            async for first in rounds:
+                batch = [first]
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while True:
+                        batch.append(rounds.receive_nowait())
+
+                def write(conn: sqlite3.Connection, batch: list[Round] = batch) -> None:
+                    for done in batch:
+                        self._finish_and_lease(conn, done, limit=0, lease_seconds=0)
+
+                await self.queue.store.transaction(write, line="urgent")
+                for done in batch:
+                    self._report(done)
+        written.set()
 
     def _take_handoffs(self, first: Handoff | None, *, limit: int | None) -> Handoff | None:
-        """``first`` and the hand-offs waiting in the inbox (kicks dropped: this round
-        is the wake-up), merged into one, while the merged round is under ``limit``
+        """``first`` and the hand-offs waiting in the inbox (a kick among them sets
+        ``_kicked``: the lane then leases too), merged into one, while the merged round is under ``limit``
         items (a lane round; None: all)."""
         items = list(first.items) if first is not None else []
         records = dict(first.records) if first is not None else {}
@@ -329,6 +393,8 @@ class NodeActor:
                 break
             if isinstance(message, Handoff):
                 self._take(message, items, records)
+            else:
+                self._kicked = True  # a wake-up: urgent work may be queued, not handed over
         return Handoff(items, records) if items else None
 
     def _take(self, handoff: Handoff, items: list[LeasedItem], records: dict[str, DeviceRecord]) -> Handoff | None:

@@ -199,18 +199,29 @@ async def test_drain_lets_in_flight_work_finish_by_the_deadline(autojump_clock: 
 
 
 async def test_a_message_received_as_the_wait_runs_out_is_not_dropped(mock_clock: trio.testing.MockClock) -> None:
-    from actors.base import ActorContext, Heartbeat, receive_unless_stopping
+    from actors.base import ActorContext, Heartbeat, StopAwareWaits
 
     ctx = ActorContext("lane", Heartbeat(1.0))
+    waits = StopAwareWaits(ctx)
     send, recv = trio.open_memory_channel[str](1)
     got: list[tuple[bool, str | None]] = []
 
     async def waiter() -> None:
-        got.append(await receive_unless_stopping(ctx, recv, 1.0))
+        got.append(await waits.receive(recv, 1.0))
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(waits.watch)
         nursery.start_soon(waiter)
         await trio.testing.wait_all_tasks_blocked()
         send.send_nowait("hand-off")
         mock_clock.jump(2.0)  # the wait's deadline passes before the waiter runs again
-    assert got == [(True, "hand-off")]
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [(True, "hand-off")]
+        # A stop ends a wait in progress at once, and a wait begun after it at once.
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        ctx.stopping.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got[1:] == [(False, None)]
+        assert await waits.receive(recv, 1.0) == (False, None)
+        assert trio.current_time() == 2.0 and send.statistics().current_buffer_used == 0
