@@ -330,19 +330,20 @@ class NodeActor:
                 if len(items) == limit and not express:
                     self._wake_a_lane()  # there is probably more: let another lane lease too
                 if express:
-                    # Express rounds overlap (up to EXPRESS_ROUNDS): the next urgent push
-                    # does not wait for the previous one's answer. Bulk work steps aside
-                    # while urgent pushes to a few devices are sent (a priority-10
-                    # broadcast going through the express lane does not count).
-                    # (Hand-offs were counted by central when it sent them.)
+                    # Rounds of urgent pushes to a few devices overlap (up to
+                    # EXPRESS_ROUNDS): the next one does not wait for the previous one's
+                    # answer, and bulk work steps aside while they are sent. A round of a
+                    # priority-10 broadcast is one at a time, like any lane's, and does not
+                    # hold the urgency. (Hand-offs were counted by central when sent.)
+                    small = handed_round or any(i.message.audience < SMALL_AUDIENCE for i in items)
                     await self._express_slots.acquire()
-                    leased_small = not handed_round and any(
-                        i.message.audience < SMALL_AUDIENCE for i in items
-                    )
-                    self.urgency.add(int(leased_small))
-                    held, self._held_handoffs = self._held_handoffs + int(leased_small), 0
+                    self.urgency.add(int(small and not handed_round))
+                    held, self._held_handoffs = self._held_handoffs + int(small and not handed_round), 0
                     self._express.users += 1
-                    self._express_rounds.start_soon(self._express_round, items, records, self._express, held)
+                    if small:
+                        self._express_rounds.start_soon(self._express_round, items, records, self._express, held)
+                    else:
+                        await self._express_round(items, records, self._express, held)
                     lease_wanted = self._urgent_backlog and not handed_round
                     continue
                 handle = self._current
