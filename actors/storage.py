@@ -40,13 +40,18 @@ from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import outcome
+import structlog
 import trio
 import trio_asyncio
+
+log = structlog.get_logger("actors.storage")
 
 T = TypeVar("T")
 Params = Sequence[Any] | Mapping[str, Any]
 
 DEFAULT_WRITE_TIMEOUT = 30.0
+CHECKPOINT_INTERVAL = 1.0  # seconds between background WAL checkpoints
+WAL_SIZE_LIMIT = 64 << 20  # bytes the WAL file is truncated to after a checkpoint
 Line = Literal["urgent", "send", "bulk"]
 
 
@@ -319,6 +324,7 @@ class Store:
         self.path = path
         self.write_timeout = write_timeout
         self.schema_version = 0
+        self.checkpoints = 0  # background WAL checkpoints done (see _checkpointer)
         # The database thread runs one operation at a time, first come first served. So
         # that urgent work (accepting a push, the express lanes) never waits behind a
         # long queue, other work is handed over one operation at a time per line: one
@@ -482,6 +488,37 @@ def _configure(conn: sqlite3.Connection, synchronous: str) -> None:
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA busy_timeout = 5000")
+    # Checkpoints run beside the writes (_checkpointer), not inside whichever commit
+    # happens to fill the WAL: that commit (an accept, say) took 15-19 ms instead of ~1.
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
+
+
+async def _checkpointer(
+    path: Path, store: Store, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Copy the WAL into the database every :data:`CHECKPOINT_INTERVAL` seconds, from a
+    connection and a thread of its own (PASSIVE: never waits for, nor blocks, the store's
+    readers and writers; SQLite does the work without Python's lock)."""
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+
+    def checkpoint(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    conn = await trio.to_thread.run_sync(connect)
+    try:
+        task_status.started()
+        while True:
+            await trio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await trio.to_thread.run_sync(checkpoint, conn)
+                store.checkpoints += 1
+            except sqlite3.Error as exc:  # the next round tries again; the WAL just grows
+                log.warning("WAL checkpoint failed", path=str(path), error=str(exc))
+    finally:
+        conn.close()
 
 
 @asynccontextmanager
@@ -534,7 +571,13 @@ async def open_store(
                 store.schema_version = await store._call(
                     lambda conn: _migrate(conn, path, migrations)
                 )
-            yield store
+            async with trio.open_nursery() as nursery:
+                if str(path) != ":memory:":
+                    await nursery.start(_checkpointer, path, store)
+                try:
+                    yield store
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(write_timeout, shield=True):
                 await trio_asyncio.aio_as_trio(db.close, loop=loop)()

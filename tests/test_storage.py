@@ -371,3 +371,22 @@ async def test_a_cancelled_bulk_write_waiting_for_its_turn_is_still_written(tmp_
             await trio.testing.wait_all_tasks_blocked()  # waiting for its turn, cancelled
             release.set()
         assert await count(store) == 3
+
+
+async def test_wal_checkpoints_run_beside_the_writes_not_inside_a_commit(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "wal.sqlite") as store:
+        # No commit pays for a checkpoint: the store's own connection never checkpoints.
+        assert await store.read(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        await store.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
+        for _ in range(20):
+            await store.execute("INSERT INTO t VALUES (randomblob(100000))")
+        await trio.sleep(2.5)  # a background checkpoint (every second) copies the WAL back
+        assert store.checkpoints >= 2
+        # ... and the WAL is reused from its start once it was copied (never truncated
+        # below what the next write needs, never left to grow).
+        wal = tmp_path / "wal.sqlite-wal"
+        size = wal.stat().st_size
+        for _ in range(20):
+            await store.execute("INSERT INTO t VALUES (randomblob(100000))")
+            await trio.sleep(0.15)
+        assert wal.stat().st_size <= size * 1.5
