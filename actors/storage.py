@@ -325,6 +325,7 @@ class Store:
         self.write_timeout = write_timeout
         self.schema_version = 0
         self.checkpoints = 0  # background WAL checkpoints done (see _checkpointer)
+        self.wrote = trio.Event()  # set by every write: the WAL has something to checkpoint
         # The database thread runs one operation at a time, first come first served. So
         # that urgent work (accepting a push, the express lanes) never waits behind a
         # long queue, other work is handed over one operation at a time per line: one
@@ -374,12 +375,16 @@ class Store:
         with trio.move_on_after(self.write_timeout, shield=True) as scope:
             if line == "urgent":
                 handed_over = True
-                return await self._call(fn)
+                result = await self._call(fn)
+                self.wrote.set()
+                return result
             if self.pace is not None:
                 await self.pace()
             async with self._lines[line]:
                 handed_over = True
-                return await self._call(fn)
+                result = await self._call(fn)
+                self.wrote.set()
+                return result
         assert scope.cancelled_caught
         if not handed_over:
             raise StorageTimeout(
@@ -511,7 +516,10 @@ async def _checkpointer(
     try:
         task_status.started()
         while True:
+            # Only after writes (an idle store, or virtual time in tests, costs nothing).
+            await store.wrote.wait()
             await trio.sleep(CHECKPOINT_INTERVAL)
+            store.wrote = trio.Event()
             try:
                 await trio.to_thread.run_sync(checkpoint, conn)
                 store.checkpoints += 1

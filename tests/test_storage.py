@@ -380,8 +380,8 @@ async def test_wal_checkpoints_run_beside_the_writes_not_inside_a_commit(tmp_pat
         await store.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
         for _ in range(20):
             await store.execute("INSERT INTO t VALUES (randomblob(100000))")
-        await trio.sleep(2.5)  # a background checkpoint (every second) copies the WAL back
-        assert store.checkpoints >= 2
+        await trio.sleep(1.5)  # a background checkpoint (a second after writes) copies the WAL back
+        assert store.checkpoints >= 1
         # ... and the WAL is reused from its start once it was copied (never truncated
         # below what the next write needs, never left to grow).
         wal = tmp_path / "wal.sqlite-wal"
