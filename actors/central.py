@@ -580,11 +580,7 @@ class CentralActor:
             # The node may have been stopped (a reload shrank the nodes) while the
             # transaction ran: hand over only to a node still listed as running.
             running = shard < len(self.node_names) and self.node_names[shard] == owners[shard]
-            try:
-                if not running:
-                    raise trio.BrokenResourceError
-                self.handoffs[shard].send_nowait(handoff)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            if not (running and self._hand_over(shard, handoff)):
                 log.warning("urgent items not handed over; back to the queue", shard=shard, items=len(handoff.items))
                 await self.queue.unlease([item.item_id for item in handoff.items], owner=owners[shard])
                 continue
@@ -595,6 +591,13 @@ class CentralActor:
             if len(handoff.items) < limit:
                 served.add(shard)  # nothing new and urgent left behind on that shard
         return prepared, served
+
+    def _hand_over(self, shard: int, handoff: Handoff) -> bool:
+        try:
+            self.handoffs[shard].send_nowait(handoff)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
 
     def _handoff_owners(self, node_count: int) -> dict[int, str]:
         """Shards whose node can take a hand-off now -> that node's name (its lease owner).

@@ -337,8 +337,9 @@ class NodeActor:
                     # hold the urgency. (Hand-offs were counted by central when sent.)
                     small = handed_round or any(i.message.audience < SMALL_AUDIENCE for i in items)
                     await self._express_slots.acquire()
-                    self.urgency.add(int(small and not handed_round))
-                    held, self._held_handoffs = self._held_handoffs + int(small and not handed_round), 0
+                    own = int(small and not handed_round)
+                    self.urgency.add(own)
+                    held, self._held_handoffs = self._held_handoffs + own, 0
                     self._express.users += 1
                     if small:
                         self._express_rounds.start_soon(self._express_round, items, records, self._express, held)

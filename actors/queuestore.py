@@ -143,6 +143,22 @@ def _message_from_row(row: sqlite3.Row) -> MessageRow:
     )
 
 
+def _leased_item(row: sqlite3.Row, message: MessageRow, owner: str, until: float) -> LeasedItem:
+    """A row returned by a leasing ``UPDATE ... RETURNING``, as a LeasedItem."""
+    return LeasedItem(
+        item_id=row["item_id"],
+        message=message,
+        device_id=row["device_id"],
+        shard=row["shard"],
+        idcode=row["idcode"],
+        priority=row["priority"],
+        enqueued_at=row["enqueued_at"],
+        attempts=row["attempts"],
+        lease_owner=owner,
+        lease_until=until,
+    )
+
+
 def _chunks(values: Sequence[Any], size: int = _SQL_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
@@ -395,21 +411,7 @@ class QueueStore:
             (r for r in rows if r["message_id"] in messages),
             key=lambda r: (r["rank"], r["item_id"]),
         )
-        return [
-            LeasedItem(
-                item_id=r["item_id"],
-                message=messages[r["message_id"]],
-                device_id=r["device_id"],
-                shard=r["shard"],
-                idcode=r["idcode"],
-                priority=r["priority"],
-                enqueued_at=r["enqueued_at"],
-                attempts=r["attempts"],
-                lease_owner=owner,
-                lease_until=until,
-            )
-            for r in live
-        ]
+        return [_leased_item(r, messages[r["message_id"]], owner, until) for r in live]
 
     def lease_new_in(
         self,
@@ -443,18 +445,7 @@ class QueueStore:
             (owner, until, now, *ids, shard, limit),
         ).fetchall()
         return [
-            LeasedItem(
-                item_id=r["item_id"],
-                message=by_id[r["message_id"]],
-                device_id=r["device_id"],
-                shard=r["shard"],
-                idcode=r["idcode"],
-                priority=r["priority"],
-                enqueued_at=r["enqueued_at"],
-                attempts=r["attempts"],
-                lease_owner=owner,
-                lease_until=until,
-            )
+            _leased_item(r, by_id[r["message_id"]], owner, until)
             for r in sorted(rows, key=lambda r: r["item_id"])
         ]
 

@@ -361,30 +361,30 @@ class Store:
         return result
 
     async def _admitted(self, fn: Callable[[sqlite3.Connection], T], line: Line) -> T:
-        if line == "urgent":
+        async with self._turn(line):
             return await self._call(fn)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, line: Line) -> AsyncIterator[None]:
+        """Wait for ``line``'s turn (urgent work has no line and never waits to join)."""
+        if line == "urgent":
+            yield
+            return
         if self.pace is not None:
             await self.pace()
         async with self._lines[line]:
-            return await self._call(fn)
+            yield
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T], line: Line) -> T:
         """Run a write in the thread, shielded from cancellation for a bounded time (the
         wait for its turn in its line included)."""
         handed_over = False
         with trio.move_on_after(self.write_timeout, shield=True) as scope:
-            if line == "urgent":
+            async with self._turn(line):
                 handed_over = True
                 result = await self._call(fn)
-                self.wrote.set()
-                return result
-            if self.pace is not None:
-                await self.pace()
-            async with self._lines[line]:
-                handed_over = True
-                result = await self._call(fn)
-                self.wrote.set()
-                return result
+            self.wrote.set()
+            return result
         assert scope.cancelled_caught
         if not handed_over:
             raise StorageTimeout(
