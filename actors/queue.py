@@ -103,10 +103,7 @@ class QueueActor:
         live = self.live.current
         reclaimed = await self.queue.reclaim_expired_leases(now)
         expired = await self.queue.expire_due(now)
-        moved = await self.queue.store.execute(
-            "UPDATE items SET shard = shard % ? WHERE shard >= ? AND state = 'queued'",
-            (live.node_count, live.node_count),
-        )
+        moved = await self.queue.reshard(live.node_count)
         purged = await self.purge(now - live.retention)
         if reclaimed or expired or moved or purged:
             log.info("queue sweep", reclaimed=reclaimed, expired=expired, moved=moved, purged=purged)

@@ -267,6 +267,30 @@ async def test_shards_are_leased_separately(queue: QueueStore) -> None:
     assert [i.device_id for i in one] == ["b-000000", "b-000001"]
 
 
+async def test_fewer_nodes_take_over_the_queued_items_of_the_shards_that_went(
+    queue: QueueStore,
+) -> None:
+    await queue.create_message(message("m", audience=5))
+    rows = [
+        ItemRow("on-0", 0, b"c0"),
+        ItemRow("on-2", 2, b"c2"),
+        ItemRow("on-3", 3, b"c3"),
+        ItemRow("later-on-3", 3, b"c4", not_before=T0 + 60),  # deferred: moves too
+    ]
+    await queue.enqueue("m", rows, now=T0)
+    (leased,) = await queue.lease(shard=2, owner="old", limit=1, now=T0, lease_seconds=30)
+    await queue.create_message(message("m2", audience=1))
+    await queue.enqueue("m2", [ItemRow("on-2b", 2, b"c5")], now=T0)
+    assert await queue.reshard(2) == 3  # on-2b, on-3, later-on-3; the leased one stays
+    assert await queue.reshard(2) == 0
+    assert await queue.next_ready_time(3) is None
+    got = await queue.lease(shard=1, owner="n1", limit=10, now=T0 + 60, lease_seconds=30)
+    assert sorted(i.device_id for i in got) == ["later-on-3", "on-3"]
+    got = await queue.lease(shard=0, owner="n0", limit=10, now=T0, lease_seconds=30)
+    assert sorted(i.device_id for i in got) == ["on-0", "on-2b"]
+    assert leased.device_id == "on-2"
+
+
 async def test_everything_survives_closing_and_reopening(tmp_path: Path) -> None:
     path = tmp_path / "q.sqlite"
     async with open_store(path) as store:
