@@ -46,7 +46,7 @@ from apns.payload import InvalidNotification, Notification, PushType
 log = structlog.get_logger("actors.central")
 
 MAX_LISTED_IDS = 10_000
-CLASSIFY_SLICE = 100  # devices classified and sealed between two checkpoints in a fan-out
+CLASSIFY_SLICE = 50  # devices classified and sealed per turn of a fan-out (see apns READ_CHUNK)
 SMALL_TARGET = 1_000  # listed ids up to this many are fanned out before the reply
 ACCEPT_BATCH = 64  # pushes waiting in central's inbox stored together in one transaction
 UNCLASSIFIED = "unclassified"  # the class id of a device no class rule matches

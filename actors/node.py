@@ -55,7 +55,7 @@ INDEXED_AUDIENCE = 16
 # The express lane's inbox: hand-offs from central (which sends one only while two slots
 # are free) and at most one kick from the node's waker.
 HANDOFF_SLOTS = 4
-VERIFY_SLICE = 16  # items verified and encoded per turn of a lane
+VERIFY_SLICE = 8  # items verified and encoded per turn of a lane (see apns READ_CHUNK)
 SMALL_AUDIENCE = 100  # an express round with a message to fewer devices holds the urgency
 STALE_HANDOFF = 5.0  # seconds: a handed item whose lease ends sooner is left to the queue
 OUTCOME_SLOTS = 8  # express rounds waiting to be recorded before the lane waits for them

@@ -48,7 +48,11 @@ Headers = list[tuple[bytes, bytes]]
 #: Our receive window for the whole connection (responses are small; this mainly keeps the
 #: bytes of responses to streams we reset from ever throttling the connection).
 _CONNECTION_WINDOW = 1 << 24
-READ_CHUNK = 8192  # bytes per read: ~150 small responses, handled in one turn
+# Bytes per read: ~40 small responses, handled in one turn. Every task's turn is a wait
+# for an urgent push at each of its hops (benchmarks: 8 KB turns made the event loop's
+# rounds p99 20 ms during a broadcast, and head-of-line p99 ~110 ms; 2 KB with the
+# smaller slices below: 17 ms and ~80 ms, the same throughput).
+READ_CHUNK = 2048
 
 _H2_CONFIG = h2.config.H2Configuration(
     client_side=True,

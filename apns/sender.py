@@ -67,7 +67,7 @@ ENVIRONMENTS = {"production": PRODUCTION_HOST, "sandbox": SANDBOX_HOST}
 #: How often one request may come back unprocessed from a stream (REFUSED_STREAM, above a
 #: GOAWAY's last stream id) before it is returned as RETRY.
 _MAX_HANDBACKS = 10
-SUBMIT_SLICE = 16  # requests put on the wire per turn of the batch's task
+SUBMIT_SLICE = 8  # requests put on the wire per turn of the batch's task (see READ_CHUNK)
 
 
 @dataclass(kw_only=True)
