@@ -52,6 +52,9 @@ Params = Sequence[Any] | Mapping[str, Any]
 DEFAULT_WRITE_TIMEOUT = 30.0
 CHECKPOINT_INTERVAL = 1.0  # seconds between background WAL checkpoints
 WAL_SIZE_LIMIT = 64 << 20  # bytes the WAL file is truncated to after a checkpoint
+# WAL frames (pages) at a background checkpoint from which, if writes went on meanwhile,
+# the store finishes it between two operations (Store.finish_checkpoint): a busy store.
+FINISH_FRAMES = 1000
 Line = Literal["urgent", "send", "bulk"]
 
 
@@ -325,6 +328,7 @@ class Store:
         self.write_timeout = write_timeout
         self.schema_version = 0
         self.checkpoints = 0  # background WAL checkpoints done (see _checkpointer)
+        self.finished_checkpoints = 0  # of which the store finished (finish_checkpoint)
         self.wrote = trio.Event()  # set by every write: the WAL has something to checkpoint
         # The database thread runs one operation at a time, first come first served. So
         # that urgent work (accepting a push, the express lanes) never waits behind a
@@ -417,8 +421,13 @@ class Store:
         it ran), here between two operations, so that the next write starts the WAL over
         from its beginning. Without this, writes that never pause (a broadcast) never
         find the WAL wholly copied: it grew with the whole burst (331 MB for 100,000
-        devices), and the first commit after the burst paid ~300 ms to truncate it."""
+        devices), and the first commit after the burst paid ~300 ms to truncate it.
+
+        The price: this copy (only the left-over frames) and its syncs run in the store's
+        thread, so an urgent operation arriving meanwhile waits for them; the background
+        checkpointer asks for it only on a busy store (:data:`FINISH_FRAMES`)."""
         await self._admitted(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(), "bulk")
+        self.finished_checkpoints += 1
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         return await self._admitted(lambda conn: conn.execute(sql, params).fetchall(), "bulk")
@@ -501,8 +510,9 @@ def _configure(conn: sqlite3.Connection, synchronous: str) -> None:
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA busy_timeout = 5000")
-    # Checkpoints run beside the writes (_checkpointer), not inside whichever commit
-    # happens to fill the WAL: that commit (an accept, say) took 15-19 ms instead of ~1.
+    # No automatic checkpoints: they ran inside whichever commit happened to fill the WAL
+    # (an accept, say: 15-19 ms instead of ~1). _checkpointer runs them beside the writes
+    # (and, on a busy store, has the store finish them between two operations).
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
 
@@ -510,15 +520,19 @@ def _configure(conn: sqlite3.Connection, synchronous: str) -> None:
 async def _checkpointer(
     path: Path, store: Store, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Copy the WAL into the database every :data:`CHECKPOINT_INTERVAL` seconds, from a
-    connection and a thread of its own (PASSIVE: never waits for, nor blocks, the store's
-    readers and writers; SQLite does the work without Python's lock)."""
+    """Copy the WAL into the database every :data:`CHECKPOINT_INTERVAL` seconds after
+    writes, from a connection and a thread of its own (PASSIVE: never waits for, nor
+    blocks, the store's readers and writers; SQLite does the work without Python's lock).
+    When writes went on meanwhile and the WAL held :data:`FINISH_FRAMES` or more, the
+    store copies the rest between two of its operations (:meth:`Store.finish_checkpoint`),
+    so that the WAL can start over."""
 
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
 
-    def checkpoint(conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    def checkpoint(conn: sqlite3.Connection) -> int:
+        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(frames)
 
     conn = await trio.to_thread.run_sync(connect)
     try:
@@ -529,9 +543,11 @@ async def _checkpointer(
             await trio.sleep(CHECKPOINT_INTERVAL)
             store.wrote = trio.Event()
             try:
-                await trio.to_thread.run_sync(checkpoint, conn)
+                frames = await trio.to_thread.run_sync(checkpoint, conn)
                 store.checkpoints += 1
-                if store.wrote.is_set():  # written meanwhile: those frames are left over
+                # Written meanwhile: those frames are left over, and the WAL cannot start
+                # over until they are copied too.
+                if store.wrote.is_set() and frames >= FINISH_FRAMES:
                     await store.finish_checkpoint()
             except sqlite3.Error as exc:  # the next round tries again; the WAL just grows
                 log.warning("WAL checkpoint failed", path=str(path), error=str(exc))

@@ -279,9 +279,10 @@ async def test_fewer_nodes_take_over_the_queued_items_of_the_shards_that_went(
     ]
     await queue.enqueue("m", rows, now=T0)
     (leased,) = await queue.lease(shard=2, owner="old", limit=1, now=T0, lease_seconds=30)
+    await queue.ack([ItemResult(leased.item_id, "sent", "success")], now=T0)  # finished
     await queue.create_message(message("m2", audience=1))
     await queue.enqueue("m2", [ItemRow("on-2b", 2, b"c5")], now=T0)
-    assert await queue.reshard(2) == 3  # on-2b, on-3, later-on-3; the leased one stays
+    assert await queue.reshard(2) == 3  # on-2b, on-3, later-on-3; the finished one stays
     assert await queue.reshard(2) == 0
     assert await queue.next_ready_time(3) is None
     got = await queue.lease(shard=1, owner="n1", limit=10, now=T0 + 60, lease_seconds=30)
@@ -289,6 +290,8 @@ async def test_fewer_nodes_take_over_the_queued_items_of_the_shards_that_went(
     got = await queue.lease(shard=0, owner="n0", limit=10, now=T0, lease_seconds=30)
     assert sorted(i.device_id for i in got) == ["on-0", "on-2b"]
     assert leased.device_id == "on-2"
+    row = await queue.store.fetchone("SELECT shard, state FROM items WHERE device_id = 'on-2'")
+    assert row is not None and (row["shard"], row["state"]) == (2, "sent")  # history as it was
 
 
 async def test_everything_survives_closing_and_reopening(tmp_path: Path) -> None:

@@ -79,6 +79,44 @@ async def test_register_stores_device_user_permissions_and_consent(registry: Reg
     assert await registry.get("nobody") is None
 
 
+async def test_a_record_read_back_has_every_field_in_its_place(registry: Registry) -> None:
+    """Every column lands in its own field (records are built by position): a user move,
+    a token rotation and an update at distinct times make the fields distinct."""
+    await registry.register(registration(user="u0", n=1), now_ms=T)
+    await registry.register(registration(user="u1", n=1), now_ms=T + 5)
+    await registry.register(registration(user="u1", n=2), now_ms=T + 10)
+    allowed = Permissions(alert=False, background=True, categories_allowed=("news", "sport"))
+    await registry.register(
+        registration(user="u1", n=2, app_version="3.3.0", permissions=allowed), now_ms=T + 20
+    )
+    record = await registry.get("dev-1")
+    assert record == DeviceRecord(
+        device_id="dev-1",
+        token=token(2),
+        environment="production",
+        topic="com.example.app",
+        model="iPhone15,2",
+        os_version="17.4.1",
+        app_version="3.3.0",
+        locale="fr_FR",
+        time_zone="Europe/Paris",
+        user_id="u1",
+        contact_ids=("mail:a@example.com",),
+        attributes={"plan": "gold", "age": 41, "tags": ["a", "b"]},
+        permissions=allowed,
+        consent=Consent(events=True, event_kinds=("purchase", "open")),
+        registered_at_ms=T,
+        updated_at_ms=T + 20,
+        token_updated_at_ms=T + 10,
+        previous_token=token(1),
+        previous_user_id="u0",
+        user_changed_at_ms=T + 5,
+        retired_at_ms=None,
+    )
+    assert record.permissions.permits("alert", "news") is False  # alert off
+    assert await registry.get_many(["dev-1"]) == {"dev-1": record}
+
+
 async def test_reregistering_updates_in_place_and_ignores_stale_requests(
     registry: Registry,
 ) -> None:

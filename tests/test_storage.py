@@ -375,7 +375,7 @@ async def test_a_cancelled_bulk_write_waiting_for_its_turn_is_still_written(tmp_
 
 async def test_wal_checkpoints_run_beside_the_writes_not_inside_a_commit(tmp_path: Path) -> None:
     async with open_store(tmp_path / "wal.sqlite") as store:
-        # No commit pays for a checkpoint: the store's own connection never checkpoints.
+        # No commit pays for a checkpoint: the store's connection never checkpoints by itself.
         assert await store.read(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
         await store.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
         for _ in range(20):
@@ -403,9 +403,42 @@ async def test_the_wal_starts_over_while_writes_never_pause(tmp_path: Path) -> N
         written = largest = 0
         end = trio.current_time() + 4.0
         while trio.current_time() < end:
-            await store.execute("INSERT INTO t VALUES (randomblob(20000))")
-            written += 20000
+            await store.execute("INSERT INTO t VALUES (randomblob(40000))")
+            written += 40000
             largest = max(largest, wal.stat().st_size)
-            await trio.sleep(0.005)  # ~4 MB/s of writes, with never a second's pause
+            await trio.sleep(0.005)  # ~8 MB/s of writes, with never a second's pause
         assert store.checkpoints >= 2
+        assert store.finished_checkpoints >= 1
         assert largest < written / 2, (largest, written)
+
+
+async def test_finishing_a_checkpoint_lets_the_wal_start_over(tmp_path: Path) -> None:
+    """A background checkpoint that writes overlapped leaves their frames behind, and
+    until those are copied too every write appends to the WAL. The store copies them
+    between two of its operations; the writes after that reuse the WAL from its start."""
+    path = tmp_path / "wal.sqlite"
+    async with open_store(path) as store:
+        await store.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
+        for _ in range(20):
+            await store.execute("INSERT INTO t VALUES (randomblob(40000))")
+        # The background checkpoint copies only what was written when it began: a reader
+        # holding that moment stands for the writes that went on while it ran.
+        reader, background = sqlite3.connect(path), sqlite3.connect(path)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM t").fetchone()
+            for _ in range(5):
+                await store.execute("INSERT INTO t VALUES (randomblob(40000))")
+            _busy, frames, copied = background.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert copied < frames  # left over
+            reader.execute("COMMIT")
+        finally:
+            reader.close()
+            background.close()
+        await store.finish_checkpoint()
+        wal = path.with_name(path.name + "-wal")
+        size = wal.stat().st_size
+        for _ in range(10):
+            await store.execute("INSERT INTO t VALUES (randomblob(40000))")
+        assert wal.stat().st_size == size  # written from its start, over copied frames
+        assert store.finished_checkpoints == 1
