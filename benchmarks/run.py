@@ -444,7 +444,7 @@ class Pushd:
                 if not items.get("queued") and not items.get("leased"):
                     return time.monotonic() - began
                 time.sleep(step)
-        raise SystemExit(f"pushd's queue did not drain within {deadline}s: {items}")
+        raise RuntimeError(f"pushd's queue did not drain within {deadline}s: {items}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -988,6 +988,7 @@ class Bench:
         frozen = a.recovery_freeze
         if frozen:
             sim.proc.send_signal(signal.SIGSTOP)
+        froze = time.monotonic()
         try:
             mid, _submit, _accepted = self.broadcast(daemon)
             daemon.wait_fanout(mid, deadline=max(120, n / 200), step=poll_step(n))
@@ -1000,8 +1001,15 @@ class Bench:
         finally:
             if frozen:
                 sim.proc.send_signal(signal.SIGCONT)
-        time.sleep(0.5)  # let in-flight answers land in the record
-        answers.poll()
+        frozen_for = time.monotonic() - froze if frozen else 0.0
+        # The simulator answers what the killed connections had written (and may die on
+        # the first closed one: apns/simulator.py ends on a BrokenPipe): wait until no
+        # new answer arrives for a second before looking.
+        quiet_until, give_up = time.monotonic() + 1.0, time.monotonic() + 15.0
+        while time.monotonic() < min(quiet_until, give_up):
+            if answers.poll():
+                quiet_until = time.monotonic() + 1.0
+            time.sleep(0.1)
         before = len(answers.by_message[mid])
         sim_crashed = not sim.alive()
         if sim_crashed:  # apns/simulator.py: a BrokenPipe on one connection ends the whole server
@@ -1025,6 +1033,10 @@ class Bench:
                     first_after = min(after)
             if len({tok for _, tok, s in got if s == 200}) >= n:
                 break
+            if not sim.alive():  # died late on one of the killed connections
+                log("  the simulator died after the kill; restarting it on the same port")
+                sim.restart()
+                sim_crashed = True
             time.sleep(0.2)
         time.sleep(1.0)
         answers.poll()
@@ -1047,6 +1059,7 @@ class Bench:
             "duplicated": duplicated,
             "in_flight_limit": self.in_flight,
             "simulator_frozen_during_fanout": frozen,
+            "frozen_s": round(frozen_for, 2),  # pushd's request timeout is 10 s by default
             "simulator_crashed_on_kill": sim_crashed,
             "target": "0 lost, duplicates <= in flight",
             "met": lost == 0 and duplicated <= self.in_flight,
