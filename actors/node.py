@@ -384,8 +384,8 @@ class NodeActor:
 
     def _take_handoffs(self, first: Handoff | None, *, limit: int | None) -> Handoff | None:
         """``first`` and the hand-offs waiting in the inbox (a kick among them sets
-        ``_kicked``: the lane then leases too), merged into one, while the merged round is under ``limit``
-        items (a lane round; None: all)."""
+        ``_kicked``: the lane then leases too), merged into one, while the merged round
+        is under ``limit`` items (a lane round; None: all)."""
         items = list(first.items) if first is not None else []
         records = dict(first.records) if first is not None else {}
         while limit is None or len(items) < limit:
@@ -400,9 +400,9 @@ class NodeActor:
         return Handoff(items, records) if items else None
 
     def _take(self, handoff: Handoff, items: list[LeasedItem], records: dict[str, DeviceRecord]) -> Handoff | None:
-        """Add a hand-off's items to ``items``. Items whose lease is (nearly) over are left to the queue: a sweep hands
-        them out again, so sending them here could send them twice (a hand-off can
-        wait in the inbox while the node restarts)."""
+        """Add a hand-off's items to ``items``. Items whose lease is (nearly) over are
+        left to the queue: a sweep hands them out again, so sending them here could send
+        them twice (a hand-off can wait in the inbox while the node restarts)."""
         fresh_until = time.time() + STALE_HANDOFF
         fresh = [item for item in handoff.items if item.lease_until > fresh_until]
         self.counters["handed_over"] += len(fresh)

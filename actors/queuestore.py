@@ -583,8 +583,9 @@ class QueueStore:
         ``shard % node_count``; returns how many moved. Reads only queued items on those
         shards (``INDEXED BY`` the two partial indexes over queued items: SQLite refuses
         the statement rather than scan), never the finished ones: an index seek and an
-        empty transaction when there is nothing to move. It runs on every sweep; a scan of every item kept
-        (retention is days) cost 22 ms per 100,000 items, in front of urgent accepts."""
+        empty transaction when there is nothing to move. It runs on every sweep; a scan of
+        every item kept (retention is days) cost 22 ms per 100,000 items, in front of
+        urgent accepts."""
 
         def write(conn: sqlite3.Connection) -> int:
             moved = 0

@@ -297,26 +297,19 @@ _SELECT: Final = """
 
 # Building a record is on every send's path (a node verifies each item against it) and
 # every fan-out page's: 50 us a row with a json.loads per list column and new permission
-# and consent objects each time. Most devices share those values ("[]", the same
-# permissions), so short ones are parsed once and shared (immutable; at most
-# _SHARED_ENTRIES of each, of at most _SHARED_TEXT characters). Contact ids are per user:
-# parsed per record, never kept.
+# and consent objects each time. Most devices share their permissions and consent, so
+# short ones (at most _SHARED_TEXT characters of lists) are built once and shared
+# (immutable; at most _SHARED_ENTRIES of each kept). Contact ids are per user: parsed
+# per record, never kept.
 _SHARED_TEXT: Final = 256
 _SHARED_ENTRIES: Final = 1024
 
 
 def _strings(text: str) -> tuple[str, ...]:
-    if text == "[]":
-        return ()
-    return _shared_strings(text) if len(text) <= _SHARED_TEXT else tuple(json.loads(text))
+    return () if text == "[]" else tuple(json.loads(text))
 
 
-@lru_cache(maxsize=_SHARED_ENTRIES)
-def _shared_strings(text: str) -> tuple[str, ...]:
-    return tuple(json.loads(text))
-
-
-def _new_permissions(alert: int, background: int, allowed: str, refused: str) -> Permissions:
+def _permissions(alert: int, background: int, allowed: str, refused: str) -> Permissions:
     return Permissions(
         alert=bool(alert),
         background=bool(background),
@@ -325,24 +318,12 @@ def _new_permissions(alert: int, background: int, allowed: str, refused: str) ->
     )
 
 
-_shared_permissions = lru_cache(maxsize=_SHARED_ENTRIES)(_new_permissions)
-
-
-def _permissions(alert: int, background: int, allowed: str, refused: str) -> Permissions:
-    if len(allowed) + len(refused) > _SHARED_TEXT:
-        return _new_permissions(alert, background, allowed, refused)
-    return _shared_permissions(alert, background, allowed, refused)
-
-
-def _new_consent(events: int, kinds: str) -> Consent:
+def _consent(events: int, kinds: str) -> Consent:
     return Consent(events=bool(events), event_kinds=_strings(kinds))
 
 
-_shared_consent = lru_cache(maxsize=_SHARED_ENTRIES)(_new_consent)
-
-
-def _consent(events: int, kinds: str) -> Consent:
-    return _shared_consent(events, kinds) if len(kinds) <= _SHARED_TEXT else _new_consent(events, kinds)
+_shared_permissions = lru_cache(maxsize=_SHARED_ENTRIES)(_permissions)
+_shared_consent = lru_cache(maxsize=_SHARED_ENTRIES)(_consent)
 
 
 def _record(row: Sequence[Any]) -> DeviceRecord:
@@ -353,6 +334,7 @@ def _record(row: Sequence[Any]) -> DeviceRecord:
         registered_at_ms, updated_at_ms, contact_ids, attributes, consent_events,
         consent_event_kinds,
     ) = row  # fmt: skip
+    shared = len(allowed) + len(refused) + len(consent_event_kinds) <= _SHARED_TEXT
     return DeviceRecord(
         device_id=device_id,
         token=token,
@@ -364,10 +346,10 @@ def _record(row: Sequence[Any]) -> DeviceRecord:
         locale=locale,
         time_zone=time_zone,
         user_id=user_id,
-        contact_ids=() if contact_ids == "[]" else tuple(json.loads(contact_ids)),
+        contact_ids=_strings(contact_ids),
         attributes={} if attributes == "{}" else json.loads(attributes),
-        permissions=_permissions(alert, background, allowed, refused),
-        consent=_consent(consent_events, consent_event_kinds),
+        permissions=(_shared_permissions if shared else _permissions)(alert, background, allowed, refused),
+        consent=(_shared_consent if shared else _consent)(consent_events, consent_event_kinds),
         registered_at_ms=registered_at_ms,
         updated_at_ms=updated_at_ms,
         token_updated_at_ms=token_updated_at_ms,

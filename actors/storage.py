@@ -426,7 +426,7 @@ class Store:
         The price: this copy (only the left-over frames) and its syncs run in the store's
         thread, so an urgent operation arriving meanwhile waits for them; the background
         checkpointer asks for it only on a busy store (:data:`FINISH_FRAMES`)."""
-        await self._admitted(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone(), "bulk")
+        await self._admitted(_passive_checkpoint, "bulk")
         self.finished_checkpoints += 1
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
@@ -517,6 +517,12 @@ def _configure(conn: sqlite3.Connection, synchronous: str) -> None:
     conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
 
 
+def _passive_checkpoint(conn: sqlite3.Connection) -> int:
+    """Copy the WAL's frames back as far as no reader needs them; the WAL's frame count."""
+    _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(frames)
+
+
 async def _checkpointer(
     path: Path, store: Store, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -530,10 +536,6 @@ async def _checkpointer(
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
 
-    def checkpoint(conn: sqlite3.Connection) -> int:
-        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(frames)
-
     conn = await trio.to_thread.run_sync(connect)
     try:
         task_status.started()
@@ -543,7 +545,7 @@ async def _checkpointer(
             await trio.sleep(CHECKPOINT_INTERVAL)
             store.wrote = trio.Event()
             try:
-                frames = await trio.to_thread.run_sync(checkpoint, conn)
+                frames = await trio.to_thread.run_sync(_passive_checkpoint, conn)
                 store.checkpoints += 1
                 # Written meanwhile: those frames are left over, and the WAL cannot start
                 # over until they are copied too.
