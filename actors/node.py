@@ -476,8 +476,8 @@ class NodeActor:
         live = self.live.current
         assert live.sender_config is not None, "no APNs sender configured"
         config = live.sender_config()
-        if connections is not None:  # the express lane's
-            config = dataclasses.replace(config, connections=connections)
+        if connections is not None:  # the express lane's: on the wire as soon as submitted
+            config = dataclasses.replace(config, connections=connections, write_through=True)
         else:  # bulk sending steps aside for urgent pushes (actors.urgency)
             config = dataclasses.replace(
                 config, pace=self.urgency.step_aside, read_pace=self.urgency.wait_if_urgent

@@ -90,6 +90,11 @@ class SenderConfig:
     # before each read from a connection.
     pace: Callable[[], Awaitable[None]] | None = None
     read_pace: Callable[[], Awaitable[None]] | None = None
+    # Write each slice of requests to the connection from the sending task as it is
+    # submitted (Connection.flush): on the wire one scheduling round sooner. For urgent
+    # pushes; bulk sending leaves it to the connection's write loop, which puts the
+    # slices of several lanes into fewer writes.
+    write_through: bool = False
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -275,10 +280,14 @@ class Sender:
     async def _drive(self, batch: _Batch) -> None:
         config = self.config
         while batch.unfinished:
-            if batch.ready and self._submit_ready(batch) and batch.ready:
-                # The next slice after others had a turn.
-                await (config.pace or trio.lowlevel.checkpoint)()
-                continue
+            if batch.ready:
+                submitted = self._submit_ready(batch)  # False: no connection took the rest
+                if config.write_through:
+                    await self._pool.flush()
+                if submitted and batch.ready:
+                    # The next slice after others had a turn.
+                    await (config.pace or trio.lowlevel.checkpoint)()
+                    continue
             if batch.ready:
                 if self._pool.refusal is not None:  # APNs refused the credentials outright
                     jobs, batch.ready = batch.ready, []

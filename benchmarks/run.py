@@ -18,7 +18,9 @@ Scenarios (``--only``, comma-separated; default all):
               at the same concurrency (nodes x batch in flight).
   latency     single-device pushes: their maximum rate (closed loop), then offered at a
               steady pace at half of it and at half the broadcast maximum (and a sweep
-              and a low rate): submit -> APNs answer, p50/p95/p99.
+              and a low rate): submit -> APNs answer, p50/p95/p99, as the client sees
+              it, and from pushd's own enqueue timestamp (the ``message`` op's
+              ``created_at``) -> APNs answer.
   hol         single-device priority-10 pushes while an N-device priority-5 broadcast drains.
   recovery    SIGKILL while an N-device broadcast is queued (the simulator frozen with
               SIGSTOP during its fan-out, so all N are queued); restart; time to sending
@@ -731,6 +733,27 @@ def single_latencies(
     }
 
 
+def enqueue_latencies(daemon: Pushd, answers: Answers, pushes: list[dict[str, Any]]) -> dict[str, Any]:
+    """From pushd's own timestamp of each push (``created_at`` in the ``message`` op: taken
+    as central takes the push, just before the transaction that puts its item in the
+    queue) to the APNs answer: the issue's "enqueue -> APNs answer". What the client's
+    submit -> answer adds on top is the wait to be accepted (the control socket, central's
+    inbox, the accepting transaction and the reply)."""
+    lat = []
+    with Client(daemon.socket, timeout=60) as c:
+        for p in pushes:
+            got = answers.by_message.get(p["message_id"])
+            if got:
+                created = c.call("message", message_id=p["message_id"], page_size=1)["created_at"]
+                lat.append((min(t for t, _, _ in got) - created) * 1000)
+    return {
+        "enqueue_to_answer_p50_ms": round(pct(lat, 50), 2),
+        "enqueue_to_answer_p95_ms": round(pct(lat, 95), 2),
+        "enqueue_to_answer_p99_ms": round(pct(lat, 99), 2),
+        "enqueue_to_answer_max_ms": round(max(lat), 2) if lat else None,
+    }
+
+
 # --------------------------------------------------------------------------- the bench
 
 
@@ -926,17 +949,23 @@ class Bench:
             sent_for = time.time() - began
             cpu_share = (cpu_seconds(daemon.pid) - cpu0) / sent_for
             r = single_latencies(answers, pushes, deadline=60)
+            r.update(enqueue_latencies(daemon, answers, pushes))
             r.update({"offered_rate": round(rate, 1), "of_max_rate": None if of_max is None else round(of_max, 1),
                       "achieved_accept_rate": round(len(pushes) / sent_for, 1), "pushd_cpu_share": round(cpu_share, 2),
                       "seconds": a.latency_seconds, "waited_for_empty_queue_s": round(waited, 1),
                       "target": "p99 <= 25 ms", "met": r["p99_ms"] <= 25,
+                      "enqueue_met": r["enqueue_to_answer_p99_ms"] <= 25,
                       "load_before": load_before, "load_after": load()})  # fmt: skip
             if profiler is not None:
                 r["profile"] = profiler.finish()
             self.results[key] = r
             log(
-                f"  p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms; "
+                f"  submit -> answer p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms; "
                 f"accepted {r['achieved_accept_rate']}/s; pushd CPU {cpu_share:.2f}"
+            )
+            log(
+                f"  enqueue -> answer p50 {r['enqueue_to_answer_p50_ms']} ms, "
+                f"p95 {r['enqueue_to_answer_p95_ms']} ms, p99 {r['enqueue_to_answer_p99_ms']} ms"
             )
 
     # -- 3 -----------------------------------------------------------------------------
@@ -1284,6 +1313,10 @@ def table(results: dict[str, Any]) -> str:
                 label += ", above the single-push max"
             add(f"latency at {la['offered_rate']:,.0f}/s ({label}) p50/p95/p99",
                 f"{la['p50_ms']}/{la['p95_ms']}/{la['p99_ms']} ms", "p99 <= 25 ms", la["met"])  # fmt: skip
+            if "enqueue_to_answer_p99_ms" in la:
+                add("  from pushd's enqueue (not the client's submit)",
+                    f"{la['enqueue_to_answer_p50_ms']}/{la['enqueue_to_answer_p95_ms']}/{la['enqueue_to_answer_p99_ms']} ms",
+                    "p99 <= 25 ms", la["enqueue_met"])  # fmt: skip
     if "hol" in results:
         h = results["hol"]
         add(

@@ -86,10 +86,16 @@ async def running(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("write_through", [False, True])
 async def test_delivered_and_every_outcome_class(
-    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+    tls: TlsFiles,
+    signing: tuple[SimKey, bytes],
+    autojump_clock: trio.testing.MockClock,
+    write_through: bool,
 ) -> None:
-    async with running(tls, signing, max_attempts=2, backoff_base=1.0) as (sim, sender):
+    async with running(
+        tls, signing, max_attempts=2, backoff_base=1.0, write_through=write_through
+    ) as (sim, sender):
         dead = "cd" * 32
         sim.set_token_state(dead, unregistered_at_ms=1234)
         delivered, token_dead = await sender.send_many([(TOKEN, note()), (dead, note())])
@@ -201,10 +207,13 @@ async def test_stream_limit_rises_from_one_then_follows_settings(
         assert sim.request_count == 300 and sim.connection_count == 1
 
 
+@pytest.mark.parametrize("write_through", [False, True])
 async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
-    tls: TlsFiles, signing: tuple[SimKey, bytes]
+    tls: TlsFiles, signing: tuple[SimKey, bytes], write_through: bool
 ) -> None:
-    async with running(tls, signing, SimConfig(goaway_timing="immediate")) as (sim, sender):
+    async with running(
+        tls, signing, SimConfig(goaway_timing="immediate"), write_through=write_through
+    ) as (sim, sender):
         assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
         sim.schedule_goaway(after_requests=40, reason="Shutdown")  # 39 more on this connection
         ids = [str(uuid.uuid4()) for _ in range(300)]
@@ -223,11 +232,15 @@ async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
         assert len([r for r in sim.requests if r.connection_id == 2]) == 300 - 39
 
 
+@pytest.mark.parametrize("write_through", [False, True])
 async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
-    tls: TlsFiles, signing: tuple[SimKey, bytes]
+    tls: TlsFiles, signing: tuple[SimKey, bytes], write_through: bool
 ) -> None:
     config = SimConfig(max_concurrent_streams=30, goaway_timing="immediate")
-    async with running(tls, signing, config, connections=3) as (sim, sender):
+    async with running(tls, signing, config, connections=3, write_through=write_through) as (
+        sim,
+        sender,
+    ):
         sim.schedule_goaway(after_requests=37, every_connection=True, reason="Shutdown")
         ids = [str(uuid.uuid4()) for _ in range(1000)]
         outcomes: list[Any] = []
