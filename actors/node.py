@@ -236,10 +236,18 @@ class NodeActor:
             self._kick_send.send_nowait(None)
 
     async def _express_round(
-        self, items: list[LeasedItem], records: dict[str, DeviceRecord], handle: SenderHandle, held: int
+        self,
+        items: list[LeasedItem],
+        records: dict[str, DeviceRecord],
+        handle: SenderHandle,
+        held: int,
+        small: bool,
     ) -> None:
         try:
-            done = await self.process(items, records, handle.sender)
+            # A few urgent pushes go on the wire from this task, a scheduling round sooner;
+            # a round of a priority-10 broadcast is left to the connection's write loop,
+            # which puts more into each write.
+            done = await self.process(items, records, handle.sender, write_through=small)
             await self._outcomes.send(done)  # recorded by _write_outcomes
         finally:
             handle.release()
@@ -342,9 +350,9 @@ class NodeActor:
                     held, self._held_handoffs = self._held_handoffs + own, 0
                     self._express.users += 1
                     if small:
-                        self._express_rounds.start_soon(self._express_round, items, records, self._express, held)
+                        self._express_rounds.start_soon(self._express_round, items, records, self._express, held, True)
                     else:
-                        await self._express_round(items, records, self._express, held)
+                        await self._express_round(items, records, self._express, held, False)
                     lease_wanted = self._urgent_backlog and not handed_round
                     continue
                 handle = self._current
@@ -476,8 +484,8 @@ class NodeActor:
         live = self.live.current
         assert live.sender_config is not None, "no APNs sender configured"
         config = live.sender_config()
-        if connections is not None:  # the express lane's: on the wire as soon as submitted
-            config = dataclasses.replace(config, connections=connections, write_through=True)
+        if connections is not None:  # the express lane's
+            config = dataclasses.replace(config, connections=connections)
         else:  # bulk sending steps aside for urgent pushes (actors.urgency)
             config = dataclasses.replace(
                 config, pace=self.urgency.step_aside, read_pace=self.urgency.wait_if_urgent
@@ -514,6 +522,7 @@ class NodeActor:
         sender: Sender,
         *,
         bulk: bool = False,
+        write_through: bool = False,
     ) -> Round:
         """Verify, re-check and send one leased batch; the outcomes, to be written with the
         next lease (:meth:`_finish_and_lease`)."""
@@ -590,7 +599,9 @@ class NodeActor:
             batch.append((item, record, encoded.with_apns_id(str(uuid.uuid4()))))
 
         if batch:
-            outcomes = await sender.send_many([(record.token, enc) for _, record, enc in batch])
+            outcomes = await sender.send_many(
+                [(record.token, enc) for _, record, enc in batch], write_through=write_through
+            )
             now = time.time()
             for (item, record, enc), outcome in zip(batch, outcomes, strict=True):
                 self._record(item, record, enc, outcome, live, final, retries)

@@ -90,11 +90,6 @@ class SenderConfig:
     # before each read from a connection.
     pace: Callable[[], Awaitable[None]] | None = None
     read_pace: Callable[[], Awaitable[None]] | None = None
-    # Write each slice of requests to the connection from the sending task as it is
-    # submitted (Connection.flush): on the wire one scheduling round sooner. For urgent
-    # pushes; bulk sending leaves it to the connection's write loop, which puts the
-    # slices of several lanes into fewer writes.
-    write_through: bool = False
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -181,10 +176,11 @@ class _Job:
 
 
 class _Batch:
-    __slots__ = ("delayed", "outcomes", "ready", "sender", "unfinished", "wake")
+    __slots__ = ("delayed", "outcomes", "ready", "sender", "unfinished", "wake", "write_through")
 
-    def __init__(self, sender: Sender, size: int) -> None:
+    def __init__(self, sender: Sender, size: int, write_through: bool = False) -> None:
         self.sender = sender
+        self.write_through = write_through
         self.outcomes: list[Outcome | None] = [None] * size
         self.unfinished = size
         self.ready: list[_Job] = []  # to submit now
@@ -236,12 +232,21 @@ class Sender:
             await nursery.start(self._pool.run)
             task_status.started(self)
 
-    async def send(self, token: str, notification: EncodedNotification) -> Outcome:
-        return (await self.send_many([(token, notification)]))[0]
+    async def send(
+        self, token: str, notification: EncodedNotification, *, write_through: bool = False
+    ) -> Outcome:
+        return (await self.send_many([(token, notification)], write_through=write_through))[0]
 
-    async def send_many(self, items: Sequence[tuple[str, EncodedNotification]]) -> list[Outcome]:
-        """Send every item; one Outcome per item, in order. Never raises for APNs trouble."""
-        batch = _Batch(self, len(items))
+    async def send_many(
+        self, items: Sequence[tuple[str, EncodedNotification]], *, write_through: bool = False
+    ) -> list[Outcome]:
+        """Send every item; one Outcome per item, in order. Never raises for APNs trouble.
+
+        ``write_through``: write the requests to the connection from this task as they
+        are submitted (:meth:`Connection.flush`), on the wire a scheduling round sooner:
+        for a few urgent pushes. Without it the connection's write loop writes them, and
+        puts what several tasks submitted meanwhile into one write (bulk sending)."""
+        batch = _Batch(self, len(items), write_through)
         for index, (token, notification) in enumerate(items):
             try:
                 token = normalize_token(token)
@@ -282,7 +287,7 @@ class Sender:
         while batch.unfinished:
             if batch.ready:
                 submitted = self._submit_ready(batch)  # False: no connection took the rest
-                if config.write_through:
+                if batch.write_through:
                     await self._pool.flush()
                 if submitted and batch.ready:
                     # The next slice after others had a turn.

@@ -93,25 +93,25 @@ async def test_delivered_and_every_outcome_class(
     autojump_clock: trio.testing.MockClock,
     write_through: bool,
 ) -> None:
-    async with running(
-        tls, signing, max_attempts=2, backoff_base=1.0, write_through=write_through
-    ) as (sim, sender):
+    async with running(tls, signing, max_attempts=2, backoff_base=1.0) as (sim, sender):
         dead = "cd" * 32
         sim.set_token_state(dead, unregistered_at_ms=1234)
-        delivered, token_dead = await sender.send_many([(TOKEN, note()), (dead, note())])
+        delivered, token_dead = await sender.send_many(
+            [(TOKEN, note()), (dead, note())], write_through=write_through
+        )
         assert delivered.klass is OutcomeClass.DELIVERED and delivered.status == 200
         assert token_dead.klass is OutcomeClass.TOKEN_DEAD
         assert (token_dead.reason, token_dead.timestamp_ms) == ("Unregistered", 1234)
 
         sim.inject(400, "BadTopic")
-        rejected = await sender.send(TOKEN, note())
+        rejected = await sender.send(TOKEN, note(), write_through=write_through)
         assert (rejected.klass, rejected.reason) == (OutcomeClass.REJECTED, "BadTopic")
 
         # retried with backoff up to max_attempts (2), then handed back as RETRY
         sim.inject(503, "ServiceUnavailable", count=2)
         apns_id = str(uuid.uuid4())
         before = trio.current_time()
-        retry = await sender.send(TOKEN, note(apns_id))
+        retry = await sender.send(TOKEN, note(apns_id), write_through=write_through)
         assert (retry.klass, retry.reason) == (OutcomeClass.RETRY, "ServiceUnavailable")
         assert 0.5 <= trio.current_time() - before <= 1.0 + 0.1  # one jittered backoff
         assert [r.status for r in sim.requests if r.apns_id == apns_id] == [503, 503]
@@ -119,11 +119,13 @@ async def test_delivered_and_every_outcome_class(
         # a retryable failure followed by success is delivered
         sim.inject(500, "InternalServerError")
         apns_id = str(uuid.uuid4())
-        assert (await sender.send(TOKEN, note(apns_id))).klass is OutcomeClass.DELIVERED
+        assert (
+            await sender.send(TOKEN, note(apns_id), write_through=write_through)
+        ).klass is OutcomeClass.DELIVERED
         assert [r.status for r in sim.requests if r.apns_id == apns_id] == [500, 200]
 
         # a malformed token never reaches APNs
-        bad = await sender.send("not a token", note())
+        bad = await sender.send("not a token", note(), write_through=write_through)
         assert (bad.klass, bad.reason) == (OutcomeClass.TOKEN_DEAD, "BadDeviceToken")
 
         stats = sender.stats()
@@ -211,13 +213,15 @@ async def test_stream_limit_rises_from_one_then_follows_settings(
 async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
     tls: TlsFiles, signing: tuple[SimKey, bytes], write_through: bool
 ) -> None:
-    async with running(
-        tls, signing, SimConfig(goaway_timing="immediate"), write_through=write_through
-    ) as (sim, sender):
-        assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
+    async with running(tls, signing, SimConfig(goaway_timing="immediate")) as (sim, sender):
+        assert (
+            await sender.send(TOKEN, note(), write_through=write_through)
+        ).klass is OutcomeClass.DELIVERED
         sim.schedule_goaway(after_requests=40, reason="Shutdown")  # 39 more on this connection
         ids = [str(uuid.uuid4()) for _ in range(300)]
-        outcomes = await sender.send_many([(TOKEN, note(i)) for i in ids])
+        outcomes = await sender.send_many(
+            [(TOKEN, note(i)) for i in ids], write_through=write_through
+        )
         assert all(o.klass is OutcomeClass.DELIVERED for o in outcomes)
         assert [o.apns_id for o in outcomes] == ids
         seen = Counter(r.apns_id for r in sim.requests)
@@ -237,17 +241,18 @@ async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
     tls: TlsFiles, signing: tuple[SimKey, bytes], write_through: bool
 ) -> None:
     config = SimConfig(max_concurrent_streams=30, goaway_timing="immediate")
-    async with running(tls, signing, config, connections=3, write_through=write_through) as (
-        sim,
-        sender,
-    ):
+    async with running(tls, signing, config, connections=3) as (sim, sender):
         sim.schedule_goaway(after_requests=37, every_connection=True, reason="Shutdown")
         ids = [str(uuid.uuid4()) for _ in range(1000)]
         outcomes: list[Any] = []
 
         async def part(start: int) -> None:
             for i in range(start, len(ids), 200):
-                outcomes.extend(await sender.send_many([(TOKEN, note(x)) for x in ids[i : i + 50]]))
+                outcomes.extend(
+                    await sender.send_many(
+                        [(TOKEN, note(x)) for x in ids[i : i + 50]], write_through=write_through
+                    )
+                )
 
         async with trio.open_nursery() as nursery:
             for start in range(0, 200, 50):
