@@ -236,18 +236,10 @@ class NodeActor:
             self._kick_send.send_nowait(None)
 
     async def _express_round(
-        self,
-        items: list[LeasedItem],
-        records: dict[str, DeviceRecord],
-        handle: SenderHandle,
-        held: int,
-        small: bool,
+        self, items: list[LeasedItem], records: dict[str, DeviceRecord], handle: SenderHandle, held: int
     ) -> None:
         try:
-            # A few urgent pushes go on the wire from this task, a scheduling round sooner;
-            # a round of a priority-10 broadcast is left to the connection's write loop,
-            # which puts more into each write.
-            done = await self.process(items, records, handle.sender, write_through=small)
+            done = await self.process(items, records, handle.sender)
             await self._outcomes.send(done)  # recorded by _write_outcomes
         finally:
             handle.release()
@@ -350,9 +342,9 @@ class NodeActor:
                     held, self._held_handoffs = self._held_handoffs + own, 0
                     self._express.users += 1
                     if small:
-                        self._express_rounds.start_soon(self._express_round, items, records, self._express, held, True)
+                        self._express_rounds.start_soon(self._express_round, items, records, self._express, held)
                     else:
-                        await self._express_round(items, records, self._express, held, False)
+                        await self._express_round(items, records, self._express, held)
                     lease_wanted = self._urgent_backlog and not handed_round
                     continue
                 handle = self._current
@@ -522,7 +514,6 @@ class NodeActor:
         sender: Sender,
         *,
         bulk: bool = False,
-        write_through: bool = False,
     ) -> Round:
         """Verify, re-check and send one leased batch; the outcomes, to be written with the
         next lease (:meth:`_finish_and_lease`)."""
@@ -599,9 +590,7 @@ class NodeActor:
             batch.append((item, record, encoded.with_apns_id(str(uuid.uuid4()))))
 
         if batch:
-            outcomes = await sender.send_many(
-                [(record.token, enc) for _, record, enc in batch], write_through=write_through
-            )
+            outcomes = await sender.send_many([(record.token, enc) for _, record, enc in batch])
             now = time.time()
             for (item, record, enc), outcome in zip(batch, outcomes, strict=True):
                 self._record(item, record, enc, outcome, live, final, retries)

@@ -208,10 +208,7 @@ class Connection:
         self._peer_failed = False  # EOF, a broken socket or an unanswered PING
         self.close_reason = ""
         self.responses = 0
-        self._wake = trio.Event()  # the write loop: something may be waiting for the wire
-        self._stream: trio.SSLStream[trio.SocketStream] | None = None  # once connected
-        self._sending = False  # a task (the write loop or a flush) is writing to the stream
-        self._unflushed = False  # submitted since the last write began (see flush)
+        self._wake = trio.Event()
         self._settings_received = trio.Event()
         self._ping_ack = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
@@ -258,23 +255,8 @@ class Connection:
                 self._queue.append(request)
         else:
             self._queue.append(request)
-        self._unflushed = True
         self._wake.set()
         return True
-
-    async def flush(self) -> None:
-        """Write what submitted requests left for the wire now, from the calling task,
-        instead of a scheduling round later from the write loop (an urgent push's
-        sender: one wait fewer on a busy event loop). Returns at once when nothing was
-        submitted since the last write, the connection is not up, or another task is
-        writing (that task writes this too before it stops).
-
-        Cancelling the caller during the write closes the connection: what reached the
-        TLS stream is then unknown."""
-        stream = self._stream
-        if stream is None or self._closed or not self._unflushed:
-            return
-        await self._write_pending(stream)
 
     def close(self, reason: str = "closed") -> None:
         """Stop the connection; outstanding requests fail (queued ones as NOT_SENT)."""
@@ -310,7 +292,6 @@ class Connection:
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(_CONNECTION_WINDOW)
         self._last_received = trio.current_time()
-        self._stream = stream
         started = False
         try:
             with self._cancel_scope:
@@ -334,7 +315,6 @@ class Connection:
             self._accepting = False
             self._closed = True
             self.close_reason = self.close_reason or "cancelled"
-            self._stream = None
             self._fail_all()
             with trio.move_on_after(1, shield=True):
                 await self._goodbye(stream)
@@ -345,7 +325,7 @@ class Connection:
     async def _goodbye(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         """An orderly close when the peer is still answering: GOAWAY, then read until the
         server closes (closing with unread bytes would make the kernel send a RST)."""
-        if self._peer_failed or self._sending:  # (a flush still writing: it fails now)
+        if self._peer_failed:
             return
         try:
             self._h2.close_connection()
@@ -356,29 +336,16 @@ class Connection:
             pass
 
     async def _write_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await self._write_pending(stream)
-
-    async def _write_pending(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        """Write everything h2 has for the wire, including what is added meanwhile; one
-        writer at a time (the write loop or a flush): a second one returns at once."""
-        if self._sending:
-            return
-        self._sending = True
-        self._unflushed = False
         try:
-            while data := self._h2.data_to_send():
-                await stream.send_all(data)
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                data = self._h2.data_to_send()
+                if data:
+                    await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._peer_failed = True
             self.close(f"write failed: {exc!r}")
-        except BaseException:
-            self.close("write interrupted")  # cancelled mid-write: the stream is unusable
-            raise
-        finally:
-            self._sending = False
 
     async def _read_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
         pace = self._settings.pace
@@ -704,12 +671,6 @@ class ConnectionPool:
                 best = conn
         self._next = (start + 1) % max(n, 1)
         return best is not None and best.submit(request)
-
-    async def flush(self) -> None:
-        """Write what was submitted to the connections from the calling task (see
-        :meth:`Connection.flush`)."""
-        for conn in list(self._connections):
-            await conn.flush()
 
     async def wait_ready(self) -> None:
         """Return once a connection accepts requests, or the server refused the credentials."""

@@ -176,11 +176,10 @@ class _Job:
 
 
 class _Batch:
-    __slots__ = ("delayed", "outcomes", "ready", "sender", "unfinished", "wake", "write_through")
+    __slots__ = ("delayed", "outcomes", "ready", "sender", "unfinished", "wake")
 
-    def __init__(self, sender: Sender, size: int, write_through: bool = False) -> None:
+    def __init__(self, sender: Sender, size: int) -> None:
         self.sender = sender
-        self.write_through = write_through
         self.outcomes: list[Outcome | None] = [None] * size
         self.unfinished = size
         self.ready: list[_Job] = []  # to submit now
@@ -232,21 +231,12 @@ class Sender:
             await nursery.start(self._pool.run)
             task_status.started(self)
 
-    async def send(
-        self, token: str, notification: EncodedNotification, *, write_through: bool = False
-    ) -> Outcome:
-        return (await self.send_many([(token, notification)], write_through=write_through))[0]
+    async def send(self, token: str, notification: EncodedNotification) -> Outcome:
+        return (await self.send_many([(token, notification)]))[0]
 
-    async def send_many(
-        self, items: Sequence[tuple[str, EncodedNotification]], *, write_through: bool = False
-    ) -> list[Outcome]:
-        """Send every item; one Outcome per item, in order. Never raises for APNs trouble.
-
-        ``write_through``: write the requests to the connection from this task as they
-        are submitted (:meth:`Connection.flush`), on the wire a scheduling round sooner:
-        for a few urgent pushes. Without it the connection's write loop writes them, and
-        puts what several tasks submitted meanwhile into one write (bulk sending)."""
-        batch = _Batch(self, len(items), write_through)
+    async def send_many(self, items: Sequence[tuple[str, EncodedNotification]]) -> list[Outcome]:
+        """Send every item; one Outcome per item, in order. Never raises for APNs trouble."""
+        batch = _Batch(self, len(items))
         for index, (token, notification) in enumerate(items):
             try:
                 token = normalize_token(token)
@@ -285,14 +275,10 @@ class Sender:
     async def _drive(self, batch: _Batch) -> None:
         config = self.config
         while batch.unfinished:
-            if batch.ready:
-                submitted = self._submit_ready(batch)  # False: no connection took the rest
-                if batch.write_through:
-                    await self._pool.flush()
-                if submitted and batch.ready:
-                    # The next slice after others had a turn.
-                    await (config.pace or trio.lowlevel.checkpoint)()
-                    continue
+            if batch.ready and self._submit_ready(batch) and batch.ready:
+                # The next slice after others had a turn.
+                await (config.pace or trio.lowlevel.checkpoint)()
+                continue
             if batch.ready:
                 if self._pool.refusal is not None:  # APNs refused the credentials outright
                     jobs, batch.ready = batch.ready, []

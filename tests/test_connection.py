@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-import trio.testing
 
 from apns.auth import make_ssl_context
 from apns.connection import (
@@ -192,48 +191,6 @@ async def test_close_fails_in_flight_as_lost_and_queued_as_not_sent(tls: TlsFile
         conn.close("test")
         await waiter.wait(2)
         assert (active.result, queued.result) == (Failure.LOST, Failure.NOT_SENT)
-        assert not conn.submit(make_request(waiter))
-
-
-async def test_flush_writes_from_the_caller_and_nothing_is_lost_beside_the_write_loop(
-    tls: TlsFiles,
-) -> None:
-    async with connected(tls, SimConfig(response_delay=0.01)) as (sim, conn):
-        with trio.testing.assert_no_checkpoints():
-            await conn.flush()  # nothing submitted: returns at once
-        waiter = Waiter()
-        requests: list[Request] = []
-
-        async def submitter(n: int) -> None:
-            for _ in range(n):
-                # bodies beyond the flow-control windows: the write loop writes the rest
-                # as WINDOW_UPDATEs arrive, while the submitters keep flushing
-                request = make_request(waiter, body=b'{"aps":{"alert":"' + b"x" * 3000 + b'"}}')
-                requests.append(request)
-                assert conn.submit(request)
-                await conn.flush()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(submitter, 50)
-        await waiter.wait(200)
-        assert all(isinstance(r.result, Response) and r.result.status == 200 for r in requests)
-        assert sim.request_count == 200 and len({r.apns_id for r in sim.requests}) == 200
-        assert conn.accepting
-
-
-async def test_a_flush_cancelled_mid_write_closes_the_connection(tls: TlsFiles) -> None:
-    async with connected(tls) as (_sim, conn):
-        await trio.testing.wait_all_tasks_blocked()  # the write loop is idle, not mid-write
-        waiter = Waiter()
-        request = make_request(waiter)
-        assert conn.submit(request)
-        with trio.CancelScope() as scope:
-            scope.cancel()
-            await conn.flush()  # h2 handed its bytes over; the write never happened
-        await waiter.wait(1)
-        # what reached the wire is unknown: the connection is not used any more
-        assert (request.result, conn.close_reason) == (Failure.LOST, "write interrupted")
         assert not conn.submit(make_request(waiter))
 
 

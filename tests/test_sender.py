@@ -86,32 +86,26 @@ async def running(
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("write_through", [False, True])
 async def test_delivered_and_every_outcome_class(
-    tls: TlsFiles,
-    signing: tuple[SimKey, bytes],
-    autojump_clock: trio.testing.MockClock,
-    write_through: bool,
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
     async with running(tls, signing, max_attempts=2, backoff_base=1.0) as (sim, sender):
         dead = "cd" * 32
         sim.set_token_state(dead, unregistered_at_ms=1234)
-        delivered, token_dead = await sender.send_many(
-            [(TOKEN, note()), (dead, note())], write_through=write_through
-        )
+        delivered, token_dead = await sender.send_many([(TOKEN, note()), (dead, note())])
         assert delivered.klass is OutcomeClass.DELIVERED and delivered.status == 200
         assert token_dead.klass is OutcomeClass.TOKEN_DEAD
         assert (token_dead.reason, token_dead.timestamp_ms) == ("Unregistered", 1234)
 
         sim.inject(400, "BadTopic")
-        rejected = await sender.send(TOKEN, note(), write_through=write_through)
+        rejected = await sender.send(TOKEN, note())
         assert (rejected.klass, rejected.reason) == (OutcomeClass.REJECTED, "BadTopic")
 
         # retried with backoff up to max_attempts (2), then handed back as RETRY
         sim.inject(503, "ServiceUnavailable", count=2)
         apns_id = str(uuid.uuid4())
         before = trio.current_time()
-        retry = await sender.send(TOKEN, note(apns_id), write_through=write_through)
+        retry = await sender.send(TOKEN, note(apns_id))
         assert (retry.klass, retry.reason) == (OutcomeClass.RETRY, "ServiceUnavailable")
         assert 0.5 <= trio.current_time() - before <= 1.0 + 0.1  # one jittered backoff
         assert [r.status for r in sim.requests if r.apns_id == apns_id] == [503, 503]
@@ -119,13 +113,11 @@ async def test_delivered_and_every_outcome_class(
         # a retryable failure followed by success is delivered
         sim.inject(500, "InternalServerError")
         apns_id = str(uuid.uuid4())
-        assert (
-            await sender.send(TOKEN, note(apns_id), write_through=write_through)
-        ).klass is OutcomeClass.DELIVERED
+        assert (await sender.send(TOKEN, note(apns_id))).klass is OutcomeClass.DELIVERED
         assert [r.status for r in sim.requests if r.apns_id == apns_id] == [500, 200]
 
         # a malformed token never reaches APNs
-        bad = await sender.send("not a token", note(), write_through=write_through)
+        bad = await sender.send("not a token", note())
         assert (bad.klass, bad.reason) == (OutcomeClass.TOKEN_DEAD, "BadDeviceToken")
 
         stats = sender.stats()
@@ -209,19 +201,14 @@ async def test_stream_limit_rises_from_one_then_follows_settings(
         assert sim.request_count == 300 and sim.connection_count == 1
 
 
-@pytest.mark.parametrize("write_through", [False, True])
 async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
-    tls: TlsFiles, signing: tuple[SimKey, bytes], write_through: bool
+    tls: TlsFiles, signing: tuple[SimKey, bytes]
 ) -> None:
     async with running(tls, signing, SimConfig(goaway_timing="immediate")) as (sim, sender):
-        assert (
-            await sender.send(TOKEN, note(), write_through=write_through)
-        ).klass is OutcomeClass.DELIVERED
+        assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
         sim.schedule_goaway(after_requests=40, reason="Shutdown")  # 39 more on this connection
         ids = [str(uuid.uuid4()) for _ in range(300)]
-        outcomes = await sender.send_many(
-            [(TOKEN, note(i)) for i in ids], write_through=write_through
-        )
+        outcomes = await sender.send_many([(TOKEN, note(i)) for i in ids])
         assert all(o.klass is OutcomeClass.DELIVERED for o in outcomes)
         assert [o.apns_id for o in outcomes] == ids
         seen = Counter(r.apns_id for r in sim.requests)
@@ -236,9 +223,8 @@ async def test_goaway_mid_flight_resends_unanswered_none_lost_none_doubled(
         assert len([r for r in sim.requests if r.connection_id == 2]) == 300 - 39
 
 
-@pytest.mark.parametrize("write_through", [False, True])
 async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
-    tls: TlsFiles, signing: tuple[SimKey, bytes], write_through: bool
+    tls: TlsFiles, signing: tuple[SimKey, bytes]
 ) -> None:
     config = SimConfig(max_concurrent_streams=30, goaway_timing="immediate")
     async with running(tls, signing, config, connections=3) as (sim, sender):
@@ -248,11 +234,7 @@ async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
 
         async def part(start: int) -> None:
             for i in range(start, len(ids), 200):
-                outcomes.extend(
-                    await sender.send_many(
-                        [(TOKEN, note(x)) for x in ids[i : i + 50]], write_through=write_through
-                    )
-                )
+                outcomes.extend(await sender.send_many([(TOKEN, note(x)) for x in ids[i : i + 50]]))
 
         async with trio.open_nursery() as nursery:
             for start in range(0, 200, 50):
