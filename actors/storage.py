@@ -341,6 +341,9 @@ class Store:
         # Awaited by non-urgent work before it joins its line: the owner's way to hold it
         # back while urgent work is on its way (the pipeline: actors.urgency).
         self.pace: Callable[[], Awaitable[None]] | None = None
+        # Operations handed to the database thread whose callers still wait for them (a
+        # virtual clock in tests must not move while there are any).
+        self.in_flight = 0
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the connection's thread; cancellable (for reads: the
@@ -361,7 +364,11 @@ class Store:
             reply.abandoned = True
             return trio.lowlevel.Abort.SUCCEEDED
 
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        self.in_flight += 1
+        try:
+            result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            self.in_flight -= 1
         return result
 
     async def _admitted(self, fn: Callable[[sqlite3.Connection], T], line: Line) -> T:

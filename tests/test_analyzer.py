@@ -24,6 +24,7 @@ from actors.queuestore import MessageRow, QueueStore
 from actors.registry import Consent, Registration, Registry
 from actors.rules import Classifier
 from actors.storage import open_store
+from tests.virtual_time import advance_when_idle
 
 BASE = 1_800_000_000.0  # wall-clock origin for the virtual clock
 TOPIC = "com.example.app"
@@ -136,6 +137,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     live = LiveRef(Live(classifier=classifier, codes=CodeKeys({"k1": b"k" * 32}, "k1"), node_count=1))
     # Storage timeouts run on trio's clock; under the virtual clock they must not fire.
     async with open_store(tmp_path / "db.sqlite3", write_timeout=1e9) as store, trio.open_nursery() as nursery:
+        clock = trio.lowlevel.current_clock()
+        if isinstance(clock, trio.testing.MockClock):
+            nursery.start_soon(advance_when_idle, clock, store)
         send, recv = trio.open_memory_channel[Any](100)
         w = World(store, QueueStore(store), Registry(store), live, send, nursery, recv)
         yield w

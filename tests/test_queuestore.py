@@ -20,16 +20,17 @@ from actors.queuestore import (
     UnknownMessage,
 )
 from actors.storage import MIGRATIONS, open_store
+from tests.virtual_time import advance_when_idle
 
 T0 = 1_700_000_000.0
 AGING = 60.0
 
 
 @pytest.fixture
-def slow_autojump_clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only after 50 ms of real idleness, so it does not jump
-    while the database thread works (and no write deadline is involved either)."""
-    return trio.testing.MockClock(autojump_threshold=0.05)
+def virtual_clock() -> trio.testing.MockClock:
+    """Virtual time that a test moves with :func:`advance_when_idle` beside its store (it
+    must not jump while the database thread works)."""
+    return trio.testing.MockClock()
 
 
 @pytest.fixture
@@ -473,7 +474,7 @@ async def test_ordinary_wakes_never_crowd_out_an_urgent_one() -> None:
 
 
 async def test_a_wedged_sweep_stops_the_queue_actors_heartbeat(
-    tmp_path: Path, slow_autojump_clock: trio.testing.MockClock
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
 ) -> None:
     from actors.base import ActorContext, Heartbeat
     from actors.idcode import CodeKeys
@@ -498,6 +499,7 @@ async def test_a_wedged_sweep_stops_the_queue_actors_heartbeat(
 
         actor.sweep = sweep  # type: ignore[method-assign]
         async with send, trio.open_nursery() as nursery:
+            nursery.start_soon(advance_when_idle, virtual_clock, store)
             await nursery.start(actor.run)
             await trio.sleep(SWEEP_STALL / 2)  # wedged, but not for long yet: still beating
             assert sweeps == 2 and ctx.heartbeat.age() <= 1.5
