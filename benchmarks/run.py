@@ -266,6 +266,11 @@ class Answers:
         self.total += n
         return n
 
+    def first(self, message_id: str) -> float | None:
+        """When the simulator first answered the message (None: not yet)."""
+        got = self.by_message.get(message_id)
+        return min(t for t, _, _ in got) if got else None
+
     def wait_for(self, message_id: str, count: int, deadline: float, step: float = 0.1) -> bool:
         end = time.monotonic() + deadline
         while time.monotonic() < end:
@@ -709,9 +714,8 @@ def single_latencies(
     accept = []
     lag = []
     for p in pushes:
-        got = answers.by_message.get(p["message_id"])
-        if got:
-            first = min(t for t, _, _ in got)
+        first = answers.first(p["message_id"])
+        if first is not None:
             lat.append((first - p["submit"]) * 1000)
             after_accept.append((first - p["accepted"]) * 1000)
         accept.append((p["accepted"] - p["submit"]) * 1000)
@@ -742,10 +746,10 @@ def enqueue_latencies(daemon: Pushd, answers: Answers, pushes: list[dict[str, An
     lat = []
     with Client(daemon.socket, timeout=60) as c:
         for p in pushes:
-            got = answers.by_message.get(p["message_id"])
-            if got:
+            first = answers.first(p["message_id"])
+            if first is not None:
                 created = c.call("message", message_id=p["message_id"], page_size=1)["created_at"]
-                lat.append((min(t for t, _, _ in got) - created) * 1000)
+                lat.append((first - created) * 1000)
     return {
         "enqueue_to_answer_p50_ms": round(pct(lat, 50), 2),
         "enqueue_to_answer_p95_ms": round(pct(lat, 95), 2),
