@@ -914,6 +914,19 @@ class Bench:
             "submit_to_answer_p50_ms": answered["p50_ms"], "submit_to_answer_p99_ms": answered["p99_ms"],
             "load_before": load_before, "load_after": load()}  # fmt: skip
         log(f"  {single_max:,.0f} single-device pushes/s accepted; {cpu / max(1, len(pushes)) * 1e6:,.0f} us CPU each")
+        # The same with one client: every push handled alone (nothing to batch it with). Its
+        # CPU per push against the 48 clients' is what decides the load at half the maximum
+        # (BENCHMARKS.md, session 6).
+        daemon.wait_idle(deadline=300)
+        cpu0 = cpu_seconds(daemon.pid)
+        one = saturate(daemon, a.latency_seconds / 2, daemon.registered, connections=1)
+        daemon.wait_idle(deadline=300)
+        cpu = cpu_seconds(daemon.pid) - cpu0
+        alone = len(one["pushes"])
+        self.results["single_alone"] = {
+            "accepted_per_s": round(alone / one["seconds"], 1), "pushes": alone, "seconds": round(one["seconds"], 1),
+            "cpu_us_per_push": round(cpu / max(1, alone) * 1e6), "clients": 1}  # fmt: skip
+        log(f"  one client: {alone / one['seconds']:,.0f} pushes/s; {cpu / max(1, alone) * 1e6:,.0f} us CPU each")
         # Offered open loop, at a steady pace: half of that maximum; half of the broadcast's
         # maximum (the throughput figure), when measured or given; a low rate.
         # Where p99 <= 25 ms still holds: 10 %, 20 %, ... of the single maximum, until it
@@ -1306,6 +1319,9 @@ def table(results: dict[str, Any]) -> str:
     if "single_max" in results and "error" not in results["single_max"]:
         m = results["single_max"]
         add("single-device pushes at saturation", f"{m['accepted_per_s']:,.0f}/s ({m['cpu_us_per_push']:,} us CPU each)")
+    if "single_alone" in results:
+        m = results["single_alone"]
+        add("  one client (each push alone)", f"{m['accepted_per_s']:,.0f}/s ({m['cpu_us_per_push']:,} us CPU each)")
     if "latency_sweep" in results:
         met = [r for r in results["latency_sweep"] if r["p99_ms"] <= 25]
         add("highest rate swept with p99 <= 25 ms", f"{met[-1]['offered_rate']:,.0f}/s" if met else "none")
