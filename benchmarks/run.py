@@ -117,10 +117,16 @@ def device(i: int, *, app_version: str = "2.1.0") -> dict[str, Any]:
     }
 
 
-def taskset(core: int | None) -> list[str]:
-    if core is None or not shutil.which("taskset"):
-        return []
-    return ["taskset", "-c", str(core)]
+def child(core: int | None) -> list[str]:
+    """The command prefix of every process the driver starts: pinned to ``core`` (taskset),
+    and sent SIGTERM when the driver dies (setpriv --pdeathsig), so that a driver killed or
+    crashed mid-run leaves no pushd or simulator behind to disturb the next run. Each is
+    used when installed (util-linux). Children are started from the main thread (the
+    signal follows the thread that started them)."""
+    prefix = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+    if core is not None and shutil.which("taskset"):
+        prefix += ["taskset", "-c", str(core)]
+    return prefix
 
 
 def vm_status(pid: int) -> dict[str, int]:
@@ -182,7 +188,7 @@ class Simulator:
         # A fixed port, so that a restarted simulator is where pushd expects it.
         self.port = port or free_port()
         cmd = [
-            *taskset(core), sys.executable, "-m", "apns.simulator",
+            *child(core), sys.executable, "-m", "apns.simulator",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--tls-dir", str(work / "tls"),
             "--key", f"{KEY_ID}:{TEAM_ID}:{work / 'key.pub.pem'}",
@@ -346,7 +352,7 @@ class Pushd:
         )  # fmt: skip
         self.core = core
         self.cmd = [
-            *taskset(core),
+            *child(core),
             sys.executable,
             "-m",
             "pushd.cli",
@@ -475,7 +481,7 @@ class Profiler:
         self.out = out
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.cmd = [
-            *taskset(core), exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+            *child(core), exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
             "--nonblocking", "--duration", str(max(1, int(seconds))), "--output", str(out),
         ]  # fmt: skip
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -590,7 +596,7 @@ def run_aioapns(
     spec = {"port": sim.port, "ca": str(sim.ca_file), "key": str(work / "AuthKey.p8"), "n": n,
             "in_flight": in_flight, "salt": uuid.uuid4().hex[:8]}  # fmt: skip
     cmd = [
-        *taskset(core),
+        *child(core),
         sys.executable,
         str(Path(__file__).resolve()),
         "--aioapns-worker",
@@ -1248,7 +1254,7 @@ class Bench:
                 body = self.work / "payload.json"
                 body.write_text(json.dumps({"aps": NOTIFICATION["aps"]}))
                 cmd = [
-                    *taskset(self.pushd_core), "h2load", "-n", str(a.h2load_n), "-c", "1",
+                    *child(self.pushd_core), "h2load", "-n", str(a.h2load_n), "-c", "1",
                     "-m", str(min(self.in_flight, 1000)), "-t", "1", "-d", str(body),
                     "-H", f"authorization: bearer {jwt}", "-H", f"apns-topic: {TOPIC}",
                     "-H", "apns-push-type: alert",
