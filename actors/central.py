@@ -364,6 +364,11 @@ class CentralActor:
             expiration = now + msg.ttl
         else:
             expiration = now + live.default_ttl
+        if notification.expiration:  # its own apns-expiration (0: APNs tries once, stores nothing)
+            if notification.expiration <= now:
+                raise Rejected("notification.expiration", "is in the past")
+            # The queue gives up on it no later than APNs would: never sent after it.
+            expiration = min(expiration, float(notification.expiration))
         message_id = str(uuid.uuid4())
         stored = notification.to_dict()
         if notification.collapse_id is None and notification.push_type is not PushType.LIVEACTIVITY:

@@ -62,6 +62,7 @@ async def test_invalid_input_names_the_field_and_stores_nothing(short_tmp: Path)
             ({"notification": alert(), "target": {"all": True}, "colour": "red"}, "colour"),
             ({"notification": alert(), "target": {"all": True}, "ttl": 1e30}, "ttl"),
             ({"notification": alert(), "target": {"all": True}, "expiration": 2**62}, "expiration"),
+            ({"notification": alert(expiration=1), "target": {"all": True}}, "notification.expiration"),
         ]
         for args, field in cases:
             with pytest.raises(RequestFailed) as info:
@@ -364,6 +365,40 @@ async def test_retryable_answers_go_back_to_the_queue_and_are_sent_later(short_t
         assert state["devices"][0]["attempts"] == 2
         statuses = [r.status for r in simulator(daemon).requests if r.token == tok["d1"]]
         assert statuses == [503, 503, 503, 503, 200]
+
+
+async def test_a_notification_is_never_sent_after_its_own_expiration(short_tmp: Path) -> None:
+    from actors.registry import Registration
+
+    async with running(short_tmp, nodes=1) as daemon:
+        regs = [device(f"b{i:04d}", f"u{i}") for i in range(600)]
+        await daemon.pipeline.registry.register_many(
+            [Registration(**r) for r in regs], now_ms=int(time.time() * 1000)
+        )
+        await register_all(short_tmp, [device("x", "ux"), device("y", "uy")])
+        # A slow broadcast ahead of them keeps two low-priority pushes queued past the
+        # notification's own expiration (its apns-expiration; no ttl given) ...
+        sim = simulator(daemon)
+        sim.config.response_delay = 0.3
+        await call(short_tmp, "push", notification=alert("sale"), target={"all": True}, priority=5)
+        with trio.fail_after(20):
+            await sim.wait_for_requests(20)
+        expires = int(time.time()) + 1
+        own = await call(
+            short_tmp, "push", notification=alert("flash", expiration=expires),
+            target={"devices": ["x"]}, priority=0,
+        )  # fmt: skip
+        # ... and the same expiry given to the push itself, the control.
+        push_level = await call(
+            short_tmp, "push", notification=alert("flash"), target={"devices": ["y"]},
+            priority=0, expiration=expires,
+        )  # fmt: skip
+        row = await daemon.pipeline.queue.get_message(own["message_id"])
+        assert row is not None and row.expiration == expires  # not the default ttl's day
+        for accepted in (own, push_level):
+            state = await settled(short_tmp, accepted["message_id"], deadline=60)
+            assert state["states"]["expired"] == 1, (state["states"], state["reasons"])
+            assert reached(daemon, accepted["message_id"]) == {}
 
 
 async def test_a_burst_of_pushes_is_accepted_together_and_each_answered(short_tmp: Path) -> None:
