@@ -55,6 +55,21 @@ _CONNECTION_WINDOW = 1 << 24
 # actors.central.CLASSIFY_SLICE): 17 ms and ~80 ms, the same throughput).
 READ_CHUNK = 2048
 
+class _H2Connection(h2.connection.H2Connection):
+    """h2's client connection, still receiving after a GOAWAY.
+
+    h2 moves its state machine to CLOSED as it parses a GOAWAY, and then refuses every
+    later frame of the same read, so the answers APNs still owes to streams up to the
+    GOAWAY's last stream id (RFC 9113 §6.8) were lost, and their pushes sent again, when
+    they came in the same read as the GOAWAY. We open no new streams after a GOAWAY
+    (:meth:`Connection._on_goaway`), so receiving stays open from the frame on."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return result
+
+
 _H2_CONFIG = h2.config.H2Configuration(
     client_side=True,
     validate_outbound_headers=False,
@@ -193,7 +208,7 @@ class Connection:
         self.port = port
         self._ssl_context = ssl_context
         self._settings = settings
-        self._h2 = h2.connection.H2Connection(config=_H2_CONFIG)
+        self._h2 = _H2Connection(config=_H2_CONFIG)
         self._h2.encoder = _HeaderEncoder()
         self._queue: deque[Request] = deque()  # waiting for a stream slot
         self._active: dict[int, Request] = {}  # stream id -> request
@@ -574,10 +589,6 @@ class Connection:
         self._goaway = True
         self._accepting = False
         self.close_reason = f"GOAWAY {debug}".strip()
-        # h2 moves its state machine to CLOSED on a received GOAWAY, which would make it
-        # reject the answers still owed to streams <= last_stream_id.  We open no new
-        # streams from here on, so let it keep receiving.
-        self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         for stream_id in [s for s in self._active if s > last]:
             self._active[stream_id].goaway_reason = reason
             self._complete(stream_id, Failure.NOT_SENT, "above GOAWAY last stream id")

@@ -143,6 +143,23 @@ async def test_goaway_answers_up_to_last_stream_and_hands_back_the_rest(tls: Tls
         assert sim.request_count == 5
 
 
+async def test_answers_in_the_same_read_as_a_goaway_are_kept_not_sent_again(tls: TlsFiles) -> None:
+    async with connected(tls, SimConfig(goaway_timing="immediate")) as (sim, conn):
+        waiter = Waiter()
+        conn.submit(make_request(waiter))
+        await waiter.wait(1)
+        # After the next answer, a GOAWAY whose last stream id covers every stream in
+        # flight; the server answers them all right behind it, in the same read.
+        sim.schedule_goaway(after_requests=2, last_stream_id=99, reason="Shutdown")
+        requests = [make_request(waiter) for _ in range(10)]
+        for r in requests:
+            conn.submit(r)
+        await waiter.wait(11)
+        assert [getattr(r.result, "status", r.result) for r in requests] == [200] * 10
+        assert conn.goaway_received and not conn.accepting
+        assert sim.request_count == 11
+
+
 async def test_timeout_resets_the_stream_and_the_connection_stays_usable(
     tls: TlsFiles, autojump_clock: trio.testing.MockClock
 ) -> None:
