@@ -580,8 +580,10 @@ class CentralActor:
 
         # Accepting is what a waiting client sees: it skips the line of bulk store work.
         prepared, handed = await self.queue.store.transaction(write, line="urgent")
+        read_at = trio.current_time()  # the records were read in that transaction
         served = set()
         for shard, handoff in handed.items():
+            handoff = dataclasses.replace(handoff, read_at=read_at)
             # The node may have been stopped (a reload shrank the nodes) while the
             # transaction ran: hand over only to a node still listed as running.
             running = shard < len(self.node_names) and self.node_names[shard] == owners[shard]

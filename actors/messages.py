@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,10 +149,13 @@ class Handoff:
     being woken to lease them. The queue holds the truth: the items are leased to the
     node, so a hand-off that is never sent (lost with the process, or with a lane that
     crashed while taking it) is handed out again by the sweep once its lease runs out;
-    the node leaves a hand-off whose lease is nearly over to the queue."""
+    the node leaves a hand-off whose lease is nearly over to the queue, and reads the
+    records again if the hand-off waited (``read_at``: trio time they were read; unknown
+    means read again)."""
 
     items: list[LeasedItem]
     records: dict[str, DeviceRecord]  # device id -> record
+    read_at: float = -math.inf
 
 
 def encode(message: Message) -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import sqlite3
 import time
 import uuid
@@ -58,6 +59,9 @@ HANDOFF_SLOTS = 4
 VERIFY_SLICE = 8  # items verified and encoded per turn of a lane (see apns READ_CHUNK)
 SMALL_AUDIENCE = 100  # an express round with a message to fewer devices holds the urgency
 STALE_HANDOFF = 5.0  # seconds: a handed item whose lease ends sooner is left to the queue
+# seconds: a hand-off older than this (it waited for an express round, or for the node to
+# restart) has its devices read again before the re-check, as a lease would have them
+HANDOFF_RECHECK = 0.25
 OUTCOME_SLOTS = 8  # express rounds waiting to be recorded before the lane waits for them
 EXPRESS_ROUNDS = 4  # express rounds in flight at once
 
@@ -314,8 +318,9 @@ class NodeActor:
                     if self._urgent_backlog:
                         self._wake_a_lane()  # more urgent work than one round: help
             handed_round = handed is not None
+            read_at = math.inf  # when a hand-off's records were read
             if handed is not None:
-                items, records, handed = handed.items, handed.records, None
+                items, records, read_at, handed = handed.items, handed.records, handed.read_at, None
             elif stopping:
                 return
             # A new sender after the last batch's outcomes are written, not before.
@@ -337,6 +342,16 @@ class NodeActor:
                     # hold the urgency. (Hand-offs were counted by central when sent.)
                     small = handed_round or any(i.message.audience < SMALL_AUDIENCE for i in items)
                     await self._express_slots.acquire()
+                    if trio.current_time() - read_at > HANDOFF_RECHECK:
+                        # The hand-off waited (for a free round, or in the inbox while the
+                        # node restarted): the records central read when it accepted it may
+                        # no longer be the latest, and the re-check (verify) is made on the
+                        # devices as they are now, as a lease would have them.
+                        ids = {item.device_id for item in items}
+                        records = await self.queue.store.read(
+                            functools.partial(Registry.records_in, device_ids=ids), line="urgent"
+                        )
+                        self.counters["handoffs_reread"] += 1
                     own = int(small and not handed_round)
                     self.urgency.add(own)
                     held, self._held_handoffs = self._held_handoffs + own, 0
@@ -388,6 +403,7 @@ class NodeActor:
         is under ``limit`` items (a lane round; None: all)."""
         items = list(first.items) if first is not None else []
         records = dict(first.records) if first is not None else {}
+        read_at = first.read_at if first is not None else math.inf
         while limit is None or len(items) < limit:
             try:
                 message = self.handoffs.receive_nowait()
@@ -395,9 +411,10 @@ class NodeActor:
                 break
             if isinstance(message, Handoff):
                 self._take(message, items, records)
+                read_at = min(read_at, message.read_at)
             else:
                 self._kicked = True  # a wake-up: urgent work may be queued, not handed over
-        return Handoff(items, records) if items else None
+        return Handoff(items, records, read_at) if items else None
 
     def _take(self, handoff: Handoff, items: list[LeasedItem], records: dict[str, DeviceRecord]) -> Handoff | None:
         """Add a hand-off's items to ``items``. Items whose lease is (nearly) over are
@@ -415,7 +432,7 @@ class NodeActor:
             self._held_handoffs += 1
             items += fresh
             records.update((item.device_id, handoff.records[item.device_id]) for item in fresh)
-        return Handoff(items, records) if items else None
+        return Handoff(items, records, handoff.read_at) if items else None
 
     def _finish_and_lease(
         self,

@@ -317,6 +317,25 @@ async def test_a_hand_off_whose_lease_is_ending_is_left_to_the_queue_not_sent_tw
         assert stats["deliveries"]["handoffs_stale"] == 1 and stats["urgent"]["in_flight"] == 0
 
 
+async def test_a_hand_off_that_waited_is_checked_against_the_devices_as_they_are_now(short_tmp: Path) -> None:
+    async with running(short_tmp, nodes=1) as daemon:
+        tok = await register_all(short_tmp, [device(f"d{i}", f"u{i}") for i in range(5)])
+        sim = simulator(daemon)
+        sim.config.response_delay = 1.0
+        # Four urgent pushes on slow answers take every express round (EXPRESS_ROUNDS) ...
+        for i in range(1, 5):
+            await call(short_tmp, "push", notification=alert(f"n{i}"), target={"devices": [f"d{i}"]}, priority=10)
+        # ... so the fifth, handed over in memory with d0's record as it was, waits.
+        urgent = await call(short_tmp, "push", notification=alert("for u0"), target={"devices": ["d0"]}, priority=10)
+        # Meanwhile d0 moves to another user, who does not allow alerts.
+        await call(short_tmp, "register", **device("d0", "u9", token=tok["d0"], permissions={"alert": False}))
+        state = await settled(short_tmp, urgent["message_id"])
+        assert reached(daemon, urgent["message_id"]) == {}
+        assert state["reasons"] == {"user_changed": 1}, state["reasons"]
+        stats = await call(short_tmp, "stats")
+        assert stats["deliveries"]["handed_over"] == 5 and stats["deliveries"]["handoffs_reread"] >= 1
+
+
 async def test_bulk_registration_is_all_or_nothing(short_tmp: Path) -> None:
     async with running(short_tmp):
         good = [device(f"m{i}", "u1") for i in range(5)]
