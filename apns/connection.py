@@ -54,6 +54,9 @@ _CONNECTION_WINDOW = 1 << 24
 # slices elsewhere (apns.sender.SUBMIT_SLICE, actors.node.VERIFY_SLICE,
 # actors.central.CLASSIFY_SLICE): 17 ms and ~80 ms, the same throughput).
 READ_CHUNK = 2048
+# seconds a connection must have lived (and answered) for its end to reconnect at once
+# instead of after a backoff (ConnectionPool._keep_connected)
+HEALTHY_CONNECTION = 10.0
 
 class _H2Connection(h2.connection.H2Connection):
     """h2's client connection, still receiving after a GOAWAY.
@@ -696,6 +699,7 @@ class ConnectionPool:
         first = True
         while True:
             conn = Connection(self.host, self.port, self._ssl_context, self._settings)
+            up_at = math.inf
             async with trio.open_nursery() as nursery:
                 try:
                     await nursery.start(conn.run)
@@ -707,6 +711,7 @@ class ConnectionPool:
                     if not first:
                         self.stats.reconnects += 1
                     first = False
+                    up_at = trio.current_time()
                     self._connections.append(conn)
                     self._ready.set()
             if conn in self._connections:
@@ -721,7 +726,13 @@ class ConnectionPool:
             if conn.close_reason:
                 key = conn.close_reason.split(":")[0]
                 self.stats.closes[key] = self.stats.closes.get(key, 0) + 1
-            failures = 0 if conn.responses else failures + 1
+            # A connection that answered and lived a while was healthy: the next one opens at
+            # once. One that died young (APNs closes a connection that makes too many
+            # errors, BadDeviceToken among them) counts as a failure even if it answered:
+            # APNs may block a provider that connects and disconnects rapidly.
+            lived = trio.current_time() - up_at
+            healthy = conn.responses and lived >= HEALTHY_CONNECTION
+            failures = 0 if healthy else failures + 1
             if failures:
                 await trio.sleep(
                     backoff_delay(failures, self._backoff_base, self._backoff_max, self._rng)

@@ -227,7 +227,9 @@ async def test_repeated_goaways_on_every_connection_lose_and_double_nothing(
     tls: TlsFiles, signing: tuple[SimKey, bytes]
 ) -> None:
     config = SimConfig(max_concurrent_streams=30, goaway_timing="immediate")
-    async with running(tls, signing, config, connections=3) as (sim, sender):
+    # Connections that die young are reopened after a backoff (0.5 s, doubling, by
+    # default): kept short here, where every connection is sent away after 37 requests.
+    async with running(tls, signing, config, connections=3, backoff_base=0.01, backoff_max=0.05) as (sim, sender):
         sim.schedule_goaway(after_requests=37, every_connection=True, reason="Shutdown")
         ids = [str(uuid.uuid4()) for _ in range(1000)]
         outcomes: list[Any] = []
@@ -361,6 +363,23 @@ async def test_reconnect_with_backoff_while_the_server_is_down(
         assert len(outcomes) == 1 and outcomes[0].klass is OutcomeClass.DELIVERED
         assert sender.stats()["connects"] == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_connections_closed_young_for_errors_are_reopened_with_backoff_not_at_once(
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    # APNs closes a connection that makes too many errors; here one BadDeviceToken does.
+    async with running(tls, signing, SimConfig(max_errors=5, bad_device_token_weight=5)) as (sim, sender):
+        sim.set_token_state(TOKEN, environment="development")  # BadDeviceToken here
+        end = trio.current_time() + 10
+        pushes = 0
+        while trio.current_time() < end and pushes < 100:
+            outcome = await sender.send(TOKEN, note())
+            assert outcome.klass in (OutcomeClass.TOKEN_DEAD, OutcomeClass.RETRY)
+            pushes += 1
+        # Each connection answered once and was closed. Reconnecting at once opened one per
+        # push (100 in no time); with backoff (0.5 s, doubling) a handful within 10 s.
+        assert trio.current_time() >= end and 3 <= sim.connection_count <= 8, (pushes, sim.connection_count)
 
 
 async def test_untrusted_server_certificate_is_refused(
