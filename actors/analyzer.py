@@ -268,20 +268,35 @@ class AnalyzerActor:
     # -- state changes ------------------------------------------------------------------
 
     async def _handled(self, root_id: str, device_id: str, at: float) -> None:
-        changed = await self.store.execute(
-            """UPDATE followups SET state = 'handled', handled_at = ?, due_at = NULL, updated_at = ?
-               WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
-            (at, self.clock(), root_id, device_id),
+        changed = await self._end(
+            root_id, device_id, "state = 'handled', handled_at = ?", (at,), withdraw_reason="handled"
         )
         if changed:
             log.info("handled", message_id=root_id, device_id=device_id)
 
     async def _stop(self, root_id: str, device_id: str, reason: str, state: str = "stopped") -> None:
-        await self.store.execute(
-            """UPDATE followups SET state = ?, reason = ?, due_at = NULL, updated_at = ?
-               WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
-            (state, reason, self.clock(), root_id, device_id),
-        )
+        await self._end(root_id, device_id, "state = ?, reason = ?", (state, reason), withdraw_reason=reason)
+
+    async def _end(
+        self, root_id: str, device_id: str, assignments: str, params: tuple[Any, ...], *, withdraw_reason: str
+    ) -> bool:
+        """End an open follow-up, and in the same transaction withdraw its last re-push if
+        that is still queued (waiting for a retry, say): the user acted, it is not sent."""
+        now = self.clock()
+
+        def write(conn: sqlite3.Connection) -> bool:
+            ended = conn.execute(
+                f"""UPDATE followups SET {assignments}, due_at = NULL, updated_at = ?
+                    WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')
+                    RETURNING repushes""",
+                (*params, now, root_id, device_id),
+            ).fetchall()
+            for (repushes,) in ended:
+                if repushes:
+                    QueueStore.withdraw_in(conn, f"{root_id}.r{repushes}", device_id, withdraw_reason, now)
+            return bool(ended)
+
+        return await self.store.transaction(write)
 
     # -- the timer ----------------------------------------------------------------------
 

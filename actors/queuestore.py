@@ -476,6 +476,20 @@ class QueueStore:
         return await self.store.transaction(lambda conn: self.ack_in(conn, results, now))
 
     @staticmethod
+    def withdraw_in(conn: sqlite3.Connection, message_id: str, device_id: str, reason: str, now: float) -> int:
+        """Skip the message's item for the device with ``reason`` if it is still queued (due
+        or deferred; a leased one is already on its way), inside the caller's transaction:
+        a re-push whose follow-up ended before it was sent. Returns 1 if withdrawn."""
+        withdrawn = conn.execute(
+            """UPDATE items SET state = 'skipped', outcome = 'skipped', reason = ?, updated_at = ?
+               WHERE message_id = ? AND device_id = ? AND state = 'queued'""",
+            (reason, now, message_id, device_id),
+        ).rowcount
+        if withdrawn:
+            _settle(conn, [message_id], now)
+        return int(withdrawn)
+
+    @staticmethod
     def ack_in(conn: sqlite3.Connection, results: Sequence[ItemResult], now: float) -> int:
         """:meth:`ack` inside the caller's transaction."""
         _check_final(results)

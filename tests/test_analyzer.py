@@ -194,6 +194,26 @@ async def test_not_handled_repushes_at_the_deadline_up_to_the_maximum_spaced(tmp
         assert (f["state"], f["reason"], f["repushes"]) == ("gave_up", "max_repushes", 2)
 
 
+async def test_a_repush_still_queued_when_the_user_acts_is_not_sent(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        assert list(await w.repushes(root)) == [f"{root}.r1"]  # queued, not sent yet (a retry, say)
+        await w.report("u1", "order.paid", order="A1")
+        await trio.sleep(10)
+        assert (await w.followup(root, "d1"))["state"] == "handled"
+        item = await w.store.fetchone(
+            "SELECT state, reason FROM items WHERE message_id = ? AND device_id = 'd1'", (f"{root}.r1",)
+        )
+        assert tuple(item) == ("skipped", "handled")  # withdrawn: no node can lease it now
+        message = await w.queue.get_message(f"{root}.r1")
+        state = await w.store.fetchone("SELECT state FROM messages WHERE message_id = ?", (f"{root}.r1",))
+        assert message is not None and state[0] == "done"
+
+
 async def test_regenerate_skips_devices_that_no_longer_qualify(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     async with world(tmp_path) as w:
         await w.start_analyzer()
