@@ -54,6 +54,14 @@ _CONNECTION_WINDOW = 1 << 24
 # slices elsewhere (apns.sender.SUBMIT_SLICE, actors.node.VERIFY_SLICE,
 # actors.central.CLASSIFY_SLICE): 17 ms and ~80 ms, the same throughput).
 READ_CHUNK = 2048
+# Answers after which this connection is finished and a new one opened (apns-reference §4):
+# TooManyProviderTokenUpdates: it saw a new provider token too soon after the last one (a
+# token bucket rolled over on a young connection) and stays refused for a while;
+# Shutdown: that APNs server is going away; UnrelatedKeyIdInToken: the connection is tied
+# to another key; ExpiredProviderToken: APNs wedges the connection afterwards (pushy).
+NEW_CONNECTION_REASONS = frozenset(
+    {"TooManyProviderTokenUpdates", "Shutdown", "UnrelatedKeyIdInToken", "ExpiredProviderToken"}
+)
 # seconds a connection must have lived (and answered) for its end to reconnect at once
 # instead of after a backoff (ConnectionPool._keep_connected)
 HEALTHY_CONNECTION = 10.0
@@ -481,16 +489,13 @@ class Connection:
             # Answered before we finished the body: stop sending it.
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         request._finish(result, detail)
-        if (
-            not self._draining
-            and isinstance(result, Response)
-            and result.status == 429
-            and b"TooManyProviderTokenUpdates" in result.body
-        ):
-            # This connection saw a new provider token too soon after the last one (a
-            # token bucket rolled over on a young connection): it stays refused for a
-            # while. A new connection takes the current token; finish the rest here.
-            self._drain("TooManyProviderTokenUpdates")
+        if not self._draining and isinstance(result, Response) and result.status in (403, 429, 503):
+            reason = _apns_reason(result.body.decode("utf-8", "replace"))
+            if reason in NEW_CONNECTION_REASONS:
+                # An answer after which APNs wants a new connection (see
+                # NEW_CONNECTION_REASONS): finish the rest here, take nothing new; the
+                # pool opens another one, where the request is sent again.
+                self._drain(reason)
         if (self._goaway or self._draining) and not self._active:
             self.close(self.close_reason or "GOAWAY")
 
@@ -610,7 +615,8 @@ def refuses_credentials(goaway_reason: str | None) -> bool:
 
 
 def _apns_reason(debug: str) -> str | None:
-    """The ``reason`` of APNs's JSON GOAWAY debug data (``{"reason":"Shutdown"}``), if any."""
+    """The ``reason`` in APNs's JSON (a GOAWAY's debug data or an error answer's body:
+    ``{"reason":"Shutdown"}``), if any."""
     try:
         data = json.loads(debug)
     except ValueError:

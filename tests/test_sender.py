@@ -503,6 +503,21 @@ async def test_transport_under_httpx_async_client(
         nursery.cancel_scope.cancel()
 
 
+async def test_answers_that_call_for_a_new_connection_get_one(
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(tls, signing) as (sim, sender):
+        assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
+        for status, reason in ((503, "Shutdown"), (403, "ExpiredProviderToken")):
+            sim.inject(status, reason)
+            assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
+        # Each refusal finished its connection; the push went again on the next one.
+        assert [(r.status, r.reason, r.connection_id) for r in sim.requests] == [
+            (200, None, 1), (503, "Shutdown", 1), (200, None, 2), (403, "ExpiredProviderToken", 2), (200, None, 3),
+        ]  # fmt: skip
+        assert sender.stats()["reconnects"] == 2
+
+
 async def test_a_token_change_on_a_young_connection_moves_sending_to_a_new_connection(
     tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
