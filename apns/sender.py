@@ -14,8 +14,9 @@ task per request.  Every item gets an :class:`~apns.outcome.Outcome`:
 - ``ExpiredProviderToken``: the token is reported to ``TokenAuth.token_rejected`` and the
   request re-sent once with the current token;
 - retryable outcomes (429, 5xx, Shutdown, lost connection, timeout) are re-sent after a
-  jittered exponential backoff, up to ``max_attempts`` in all, then returned as RETRY for
-  the durable queue to reschedule;
+  jittered exponential backoff (at least a ``Retry-After``), up to ``max_attempts`` in all,
+  then returned as RETRY for the durable queue to reschedule; a ``Retry-After`` longer than
+  ``backoff_max`` returns RETRY at once, for the queue to wait it out;
 - everything else (delivered, dead token, credentials, rejected) is returned as it is.
 """
 
@@ -386,11 +387,15 @@ class Sender:
 
     def _retry_or_finish(self, job: _Job, outcome: Outcome) -> None:
         config = self.config
-        if outcome.klass is OutcomeClass.RETRY and job.attempts < config.max_attempts:
+        retry_after = outcome.retry_after
+        # APNs asks for a longer wait than this batch waits (backoff_max): the outcome goes
+        # back to the caller at once (the durable queue honours the Retry-After).
+        wait_here = retry_after is None or retry_after <= config.backoff_max
+        if outcome.klass is OutcomeClass.RETRY and job.attempts < config.max_attempts and wait_here:
             self._retries += 1
             delay = backoff_delay(job.attempts, config.backoff_base, config.backoff_max, self._rng)
-            if outcome.retry_after is not None:
-                delay = max(delay, min(outcome.retry_after, config.backoff_max))
+            if retry_after is not None:
+                delay = max(delay, retry_after)
             job.due = trio.current_time() + delay
             bisect.insort(job.batch.delayed, job, key=lambda j: j.due)
             log.debug(

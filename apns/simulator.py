@@ -335,6 +335,7 @@ class _Response:
     jwt_iat: int | None
     jwt_kid: str | None
     timestamp_ms: int | None = None
+    retry_after: int | None = None  # seconds, sent as a Retry-After header
 
 
 @dataclass
@@ -361,14 +362,18 @@ class _Fault:
     reason: str
     token: str | None
     remaining: int
+    retry_after: int | None = None
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, reason: str, timestamp_ms: int | None = None) -> None:
+    def __init__(
+        self, status: int, reason: str, timestamp_ms: int | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.timestamp_ms = timestamp_ms
+        self.retry_after = retry_after
 
 
 _PSEUDO_HEADERS = frozenset({":method", ":scheme", ":path", ":authority"})
@@ -780,15 +785,24 @@ class Simulator:
         self._tokens.pop(token.lower(), None)
 
     def inject(
-        self, status: int, reason: str | None = None, *, count: int = 1, token: str | None = None
+        self,
+        status: int,
+        reason: str | None = None,
+        *,
+        count: int = 1,
+        token: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
-        """Answer the next ``count`` requests (to ``token``, if given) with this status."""
+        """Answer the next ``count`` requests (to ``token``, if given) with this status (and a
+        ``Retry-After`` header of that many seconds, if given)."""
         chosen = (
             reason
             if reason is not None
             else DEFAULT_FAULT_REASONS.get(status, "InternalServerError")
         )
-        self._faults.append(_Fault(status, chosen, None if token is None else token.lower(), count))
+        self._faults.append(
+            _Fault(status, chosen, None if token is None else token.lower(), count, retry_after)
+        )
 
     def set_max_concurrent_streams(self, n: int) -> None:
         """Advertise a new stream limit: a SETTINGS frame now on every live connection that
@@ -1008,13 +1022,14 @@ class Simulator:
         token = path[len(_DEVICE_PREFIX) :] if path.startswith(_DEVICE_PREFIX) else ""
         try:
             self._validate(conn, stream, token, apns_id)
-            status, reason, timestamp = 200, None, None
+            status, reason, timestamp, retry_after = 200, None, None, None
         except _Rejected as rejection:
             status, reason, timestamp = rejection.status, rejection.reason, rejection.timestamp_ms
+            retry_after = rejection.retry_after
         except Exception:  # a simulator bug: answer as APNs would, keep serving
             log.exception("simulator failed to evaluate a request", stream_id=stream.stream_id)
             self.internal_errors += 1
-            status, reason, timestamp = 500, "InternalServerError", None
+            status, reason, timestamp, retry_after = 500, "InternalServerError", None, None
         return _Response(
             stream_id=stream.stream_id,
             status=status,
@@ -1026,6 +1041,7 @@ class Simulator:
             jwt_iat=None if stream.jwt is None else stream.jwt.iat,
             jwt_kid=None if stream.jwt is None else stream.jwt.kid,
             timestamp_ms=timestamp,
+            retry_after=retry_after,
         )
 
     def _validate(
@@ -1110,7 +1126,7 @@ class Simulator:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self._faults.remove(fault)
-                raise _Rejected(fault.status, fault.reason)
+                raise _Rejected(fault.status, fault.reason, retry_after=fault.retry_after)
         for status, rate in cfg.error_rates.items():
             if rate > 0 and self._rng.random() < rate:
                 raise _Rejected(status, DEFAULT_FAULT_REASONS.get(status, "InternalServerError"))
@@ -1542,6 +1558,8 @@ class _Connection:
                     + _JSON_CONTENT_TYPE
                     + _literal(b"apns-id", apns_id)
                 )
+                if response.retry_after is not None:
+                    block += _literal(b"retry-after", str(response.retry_after).encode("ascii"))
                 frame = self.h2.send_header_block(stream_id, block, end_stream=False)
                 self._out += self.h2.data_to_send()
                 self._out += frame

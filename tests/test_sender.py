@@ -518,6 +518,23 @@ async def test_answers_that_call_for_a_new_connection_get_one(
         assert sender.stats()["reconnects"] == 2
 
 
+async def test_retry_after_is_honoured_and_a_long_one_goes_back_to_the_caller(
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(tls, signing, backoff_max=30.0) as (sim, sender):
+        sim.inject(503, "ServiceUnavailable", retry_after=5)
+        t0 = trio.current_time()
+        assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
+        assert trio.current_time() - t0 >= 5  # re-sent no sooner than APNs asked
+        sim.inject(429, "TooManyRequests", retry_after=600)
+        t0 = trio.current_time()
+        outcome = await sender.send(TOKEN, note())
+        # Longer than the sender waits (backoff_max): back to the caller at once, with the
+        # wait, for the durable queue (which honours it); not re-sent early.
+        assert (outcome.klass, outcome.retry_after) == (OutcomeClass.RETRY, 600)
+        assert trio.current_time() - t0 < 1 and len(sim.requests) == 3
+
+
 async def test_a_token_change_on_a_young_connection_moves_sending_to_a_new_connection(
     tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
