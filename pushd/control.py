@@ -137,7 +137,10 @@ class ControlServer:
     ) -> None:
         """``group`` (a name or a numeric gid; None or "" keeps the daemon's own) owns the
         socket file; it is looked up now, so a wrong name fails at startup (LookupError).
-        The daemon's own uid is always allowed unless ``allow_own_uid`` is False (for tests)."""
+        The daemon's own uid is always allowed, and so are members of the socket file's
+        group when ``mode`` grants that group read and write (the way the systemd unit
+        lets backends in: their user in the daemon's group), unless ``allow_own_uid`` is
+        False (for tests)."""
         self.path = Path(path)
         self.handlers: Mapping[str, Handler] = handlers
         self.mode = mode
@@ -145,7 +148,11 @@ class ControlServer:
         self.allowed_uids = frozenset(allowed_uids) | (
             {os.getuid()} if allow_own_uid else frozenset()
         )
-        self.allowed_gids = frozenset(allowed_gids)
+        socket_gid = self.gid if self.gid is not None else os.getgid()
+        group_rw = mode & 0o060 == 0o060
+        #: The socket's group, allowed whatever ``allowed_gids`` says (kept across reloads).
+        self.implicit_gids = frozenset({socket_gid}) if allow_own_uid and group_rw else frozenset()
+        self.allowed_gids = frozenset(allowed_gids) | self.implicit_gids
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout

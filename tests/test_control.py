@@ -391,6 +391,14 @@ async def test_disallowed_peer_is_refused(nursery: trio.Nursery, sock_path: Path
     await wait_until(lambda: server.active_connections == 0)
 
 
+def test_the_socket_group_is_allowed_when_the_mode_lets_it_in(sock_path: Path) -> None:
+    # The way backends get in under systemd: their user in the daemon's group, the socket
+    # 0660 in that group. The credential check must not refuse what the file lets in.
+    assert os.getgid() in ControlServer(sock_path, HANDLERS, mode=0o660).allowed_gids
+    assert os.getgid() not in ControlServer(sock_path, HANDLERS, mode=0o600).allowed_gids
+    assert ControlServer(sock_path, HANDLERS, allow_own_uid=False).allowed_gids == frozenset()
+
+
 async def test_peer_allowed_by_group(nursery: trio.Nursery, sock_path: Path) -> None:
     server = ControlServer(sock_path, HANDLERS, allowed_gids={os.getgid()}, allow_own_uid=False)
     await nursery.start(server.run)
