@@ -187,7 +187,9 @@ class Daemon:
     async def _reload_on_signal(self) -> None:
         result = await self.reload()
         if not result["ok"]:
-            log.error("reload rejected; old config kept", problems=result["problems"])
+            # "setting: message" strings: the log redacts any field named "key" as a secret.
+            problems = [f"{p['key']}: {p['message']}" for p in result["problems"]]
+            log.error("reload rejected; old config kept", file=result.get("file"), problems=problems)
 
     async def _drain(self) -> None:
         """Stop taking new work, let in-flight work finish within shutdown_timeout."""

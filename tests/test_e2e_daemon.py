@@ -82,12 +82,20 @@ def test_run_control_reload_and_stop(short_tmp: Path) -> None:
         bad = pushctl(sock, "reload")
         assert bad.returncode == 1
         assert str(cfg) in bad.stderr + bad.stdout
+        # The same through SIGHUP (systemctl reload): the journal names the setting and file.
+        cfg.write_text(CONFIG.format(nodes=3) + "[supervisor]\nbackof_max = 3.0\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
-        events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        events = [line["event"] for line in lines]
         assert "pushd ready" in events and "pushd stopped" in events
+        (rejected,) = [line for line in lines if line["event"] == "reload rejected; old config kept"]
+        assert rejected["file"] == str(cfg)
+        assert any(p.startswith("supervisor.backof_max: ") for p in rejected["problems"]), rejected
         assert not sock.exists()
         assert pushctl(sock, "ping").returncode == 3
     finally:
