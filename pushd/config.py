@@ -228,6 +228,10 @@ RESTART_REQUIRED: tuple[str, ...] = (
     "channels",
     "simulator",
     "nodes.lanes",
+    # Each running actor beats at the interval it started with: a reload that shortened
+    # the timeout (or the interval) would count healthy actors as wedged.
+    "supervisor.heartbeat_interval",
+    "supervisor.heartbeat_timeout",
 )
 
 

@@ -113,6 +113,14 @@ async def test_reload_applies_node_count_and_rejects_an_invalid_file(short_tmp: 
         assert [a["name"] for a in status["actors"] if a["name"].startswith("node")] == ["node-0"]
         assert daemon.config.storage.path == "pushd.sqlite3"
 
+        # Running actors beat at the interval they started with: a shorter timeout now
+        # would count them as wedged and stop the watchdog pings. It waits for a restart.
+        timeout = daemon.config.supervisor.heartbeat_timeout
+        cfg.write_text(BASE.format(nodes=1).replace(f"heartbeat_timeout = {timeout}", "heartbeat_timeout = 2.5"))
+        result = await call(ctl, "reload")
+        assert result["restart_required"] == ["supervisor.heartbeat_timeout"]
+        assert daemon.config.supervisor.heartbeat_timeout == timeout
+
 
 async def test_second_daemon_is_refused(short_tmp: Path) -> None:
     cfg = write_config(short_tmp)
