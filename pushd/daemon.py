@@ -30,7 +30,7 @@ import trio
 from pushd import logs
 from pushd.config import Config, ConfigError, load_config, merge_for_reload
 from pushd.control import ControlServer, Peer, SocketInUse
-from pushd.protocol import ErrorCode, OpError
+from pushd.protocol import ErrorCode, OpError, reject_unknown_args
 from pushd.sdnotify import Notifier
 from pushd.supervisor import ActorEscalation, ActorHandle, RestartPolicy, Supervisor
 
@@ -280,9 +280,11 @@ class Daemon:
         return guarded
 
     async def _op_ping(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args)  # none taken
         return {"pong": True, "pid": os.getpid(), "version": _version()}
 
     async def _op_status(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args)  # none taken
         return {
             "pid": os.getpid(),
             "version": _version(),
@@ -294,6 +296,7 @@ class Daemon:
         }
 
     async def _op_stats(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args)  # none taken
         out: dict[str, Any] = {
             "uptime": round(time.time() - self.started_at, 3),
             "restarts": sum(h.restarts for h in self.supervisor.actors.values()),
@@ -303,6 +306,7 @@ class Daemon:
         return out
 
     async def _op_reload(self, args: dict[str, Any], peer: Peer) -> Any:
+        reject_unknown_args(args)  # none taken
         result = await self.reload()
         if not result["ok"]:
             problems = "; ".join(f"{p['key']}: {p['message']}" for p in result["problems"])

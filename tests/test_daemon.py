@@ -122,6 +122,16 @@ async def test_reload_applies_node_count_and_rejects_an_invalid_file(short_tmp: 
         assert daemon.config.supervisor.heartbeat_timeout == timeout
 
 
+async def test_the_daemon_ops_refuse_arguments_they_do_not_take(short_tmp: Path) -> None:
+    cfg = write_config(short_tmp)
+    ctl = short_tmp / "ctl.sock"
+    async with running(cfg):
+        for op in ("ping", "status", "stats", "reload"):
+            with pytest.raises(RequestFailed) as info:
+                await call(ctl, op, config="/other.toml")  # a reload from another file, say
+            assert (info.value.code, info.value.field) == ("invalid_argument", "config"), op
+
+
 async def test_second_daemon_is_refused(short_tmp: Path) -> None:
     cfg = write_config(short_tmp)
     async with running(cfg):
