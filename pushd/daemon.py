@@ -193,9 +193,14 @@ class Daemon:
 
     async def _drain(self) -> None:
         """Stop taking new work, let in-flight work finish within shutdown_timeout."""
-        self.draining = True
+        self.draining = True  # reloads are refused from here on
         timeout = self.config.daemon.shutdown_timeout
         self.notifier.stopping(f"draining (up to {timeout:g}s)")
+        # A reload already under way finishes first, so that the node actors it starts are
+        # among those asked to stop (not cancelled at the end with work in hand).
+        with trio.move_on_after(timeout):
+            async with self._reload_lock:
+                pass
         await drain(self.supervisor, timeout)
 
     async def _watchdog(self) -> None:

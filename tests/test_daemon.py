@@ -3,10 +3,12 @@ control ops, and a second daemon refused on a live socket."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -130,6 +132,46 @@ async def test_the_daemon_ops_refuse_arguments_they_do_not_take(short_tmp: Path)
             with pytest.raises(RequestFailed) as info:
                 await call(ctl, op, config="/other.toml")  # a reload from another file, say
             assert (info.value.code, info.value.field) == ("invalid_argument", "config"), op
+
+
+async def test_a_reload_under_way_at_stop_finishes_first_and_its_new_nodes_drain(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pushd.daemon
+
+    left_over: list[list[str]] = []
+    drain = pushd.daemon.drain
+
+    async def recording_drain(supervisor: Any, grace_period: float) -> list[str]:
+        left = await drain(supervisor, grace_period)
+        left_over.append(left)
+        return left
+
+    monkeypatch.setattr(pushd.daemon, "drain", recording_drain)
+    cfg = write_config(short_tmp, nodes=2)
+    ctl = short_tmp / "ctl.sock"
+
+    async def reload() -> None:
+        with contextlib.suppress(Exception):  # the reply may be lost to the shutdown
+            await call(ctl, "reload")
+
+    async with trio.open_nursery() as nursery, running(cfg) as daemon:
+        pipeline = daemon._pipeline
+        assert pipeline is not None
+        apply = pipeline.apply
+
+        async def slow_apply(*args: Any, **kwargs: Any) -> None:
+            await trio.sleep(0.5)  # the reload is under way when the stop comes
+            await apply(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "apply", slow_apply)
+        write_config(short_tmp, nodes=3)
+        nursery.start_soon(reload)
+        await trio.sleep(0.2)
+        # Leaving `running` asked the daemon to stop: node-2, started by the reload, was
+        # asked to stop too and finished, instead of being cancelled at the end.
+    assert "node-2" in daemon.supervisor.actors
+    assert left_over == [[]]
 
 
 async def test_second_daemon_is_refused(short_tmp: Path) -> None:
