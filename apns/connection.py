@@ -65,6 +65,8 @@ NEW_CONNECTION_REASONS = frozenset(
 # seconds a connection must have lived (and answered) for its end to reconnect at once
 # instead of after a backoff (ConnectionPool._keep_connected)
 HEALTHY_CONNECTION = 10.0
+# seconds: the most a connection that answered, then died young, waits to be reopened
+YOUNG_RECONNECT_MAX = 1.0
 
 class _H2Connection(h2.connection.H2Connection):
     """h2's client connection, still receiving after a GOAWAY.
@@ -740,6 +742,8 @@ class ConnectionPool:
             healthy = conn.responses and lived >= HEALTHY_CONNECTION
             failures = 0 if healthy else failures + 1
             if failures:
-                await trio.sleep(
-                    backoff_delay(failures, self._backoff_base, self._backoff_max, self._rng)
-                )
+                # One that answered before it died is reopened within YOUNG_RECONNECT_MAX:
+                # slow enough not to be a connect storm, quick enough that requests waiting
+                # for a connection (request_timeout) do not lose attempts to the wait.
+                cap = min(self._backoff_max, YOUNG_RECONNECT_MAX) if conn.responses else self._backoff_max
+                await trio.sleep(backoff_delay(failures, self._backoff_base, cap, self._rng))
