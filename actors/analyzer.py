@@ -280,23 +280,10 @@ class AnalyzerActor:
     async def _end(
         self, root_id: str, device_id: str, assignments: str, params: tuple[Any, ...], *, withdraw_reason: str
     ) -> bool:
-        """End an open follow-up, and in the same transaction withdraw its last re-push if
-        that is still queued (waiting for a retry, say): the user acted, it is not sent."""
         now = self.clock()
-
-        def write(conn: sqlite3.Connection) -> bool:
-            ended = conn.execute(
-                f"""UPDATE followups SET {assignments}, due_at = NULL, updated_at = ?
-                    WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')
-                    RETURNING repushes""",
-                (*params, now, root_id, device_id),
-            ).fetchall()
-            for (repushes,) in ended:
-                if repushes:
-                    QueueStore.withdraw_in(conn, f"{root_id}.r{repushes}", device_id, withdraw_reason, now)
-            return bool(ended)
-
-        return await self.store.transaction(write)
+        return await self.store.transaction(
+            lambda conn: end_followup_in(conn, root_id, device_id, assignments, params, withdraw_reason, now)
+        )
 
     # -- the timer ----------------------------------------------------------------------
 
@@ -461,6 +448,30 @@ class AnalyzerActor:
                 )
 
 
+def end_followup_in(
+    conn: sqlite3.Connection,
+    root_id: str,
+    device_id: str,
+    assignments: str,
+    params: tuple[Any, ...],
+    withdraw_reason: str,
+    now: float,
+) -> bool:
+    """End an open follow-up (``assignments``: its new state, from this module's code
+    only), and in the same transaction withdraw its last re-push if that is still queued
+    (waiting for a retry, say): the follow-up is over, the reminder is not sent."""
+    ended = conn.execute(
+        f"""UPDATE followups SET {assignments}, due_at = NULL, updated_at = ?
+            WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')
+            RETURNING repushes""",
+        (*params, now, root_id, device_id),
+    ).fetchall()
+    for (repushes,) in ended:
+        if repushes:
+            QueueStore.withdraw_in(conn, f"{root_id}.r{repushes}", device_id, withdraw_reason, now)
+    return bool(ended)
+
+
 async def withdraw_consent(store: Any, user_id: str, *, allowed_kinds: Sequence[str] = ()) -> tuple[int, int]:
     """The user no longer lets pushd analyse (some of) their events: delete the stored
     events of every kind not in ``allowed_kinds`` and stop the follow-ups that would
@@ -498,10 +509,12 @@ async def apply_consents(store: Any, consents: Sequence[tuple[str, tuple[str, ..
         for user_id, root_id, device_id, meta in rows:
             spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
             if spec.event is not None and spec.event not in allowed[user_id]:
-                stopped += await store.execute(
-                    """UPDATE followups SET state = 'stopped', reason = 'consent_withdrawn', due_at = NULL,
-                           updated_at = ? WHERE root_id = ? AND device_id = ? AND state IN ('pending', 'waiting')""",
-                    (time.time(), root_id, device_id),
+                now = time.time()
+                stopped += await store.transaction(
+                    lambda conn, root_id=root_id, device_id=device_id, now=now: end_followup_in(
+                        conn, root_id, device_id, "state = 'stopped', reason = ?", ("consent_withdrawn",),
+                        "consent_withdrawn", now,
+                    )
                 )
     if deleted or stopped:
         log.info("consent applied", users=len(users), events_deleted=deleted, followups_stopped=stopped)

@@ -214,6 +214,25 @@ async def test_a_repush_still_queued_when_the_user_acts_is_not_sent(tmp_path: Pa
         assert message is not None and state[0] == "done"
 
 
+async def test_a_repush_still_queued_when_consent_is_withdrawn_is_not_sent(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        assert list(await w.repushes(root)) == [f"{root}.r1"]
+        await w.register("d1", "u1", consent=())
+        await w.inbox.send(RegistryChanged("d1", "u1", "updated", "1.0.0", now()))
+        await trio.sleep(10)
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["reason"]) == ("stopped", "consent_withdrawn")
+        item = await w.store.fetchone(
+            "SELECT state, reason FROM items WHERE message_id = ? AND device_id = 'd1'", (f"{root}.r1",)
+        )
+        assert tuple(item) == ("skipped", "consent_withdrawn")
+
+
 async def test_regenerate_skips_devices_that_no_longer_qualify(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     async with world(tmp_path) as w:
         await w.start_analyzer()

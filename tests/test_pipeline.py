@@ -398,11 +398,11 @@ async def test_a_notification_is_never_sent_after_its_own_expiration(short_tmp: 
         # A slow broadcast ahead of them keeps two low-priority pushes queued past the
         # notification's own expiration (its apns-expiration; no ttl given) ...
         sim = simulator(daemon)
-        sim.config.response_delay = 0.3
+        sim.config.response_delay = 0.4  # the broadcast takes ~5 s to drain
         await call(short_tmp, "push", notification=alert("sale"), target={"all": True}, priority=5)
         with trio.fail_after(20):
             await sim.wait_for_requests(20)
-        expires = int(time.time()) + 1
+        expires = int(time.time()) + 2  # 1-2 s ahead: never in the past when central takes it
         own = await call(
             short_tmp, "push", notification=alert("flash", expiration=expires),
             target={"devices": ["x"]}, priority=0,
