@@ -742,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the socket path from this pushd config file")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON even on a terminal")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+    common.add_argument("--timeout", type=_positive_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
                         help="how long to wait for the daemon (default 10)")
 
     parser = argparse.ArgumentParser(
@@ -775,6 +775,17 @@ def resolve_socket(ns: argparse.Namespace) -> Path:
         return load_config(config_path).socket_path
     except Exception as exc:  # ConfigError, OSError
         raise UsageError(f"cannot read the socket path from {config_path}: {exc}") from exc
+
+
+def _positive_seconds(text: str) -> float:
+    """``--timeout``: a number of seconds above 0 (anything else is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

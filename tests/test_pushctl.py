@@ -158,6 +158,7 @@ async def test_unreachable_default_path_is_named_too(
         ["ping", "extra"],
         ["--socket", "a.sock", "--config", "b.toml", "ping"],
         ["--timeout", "soon", "ping"],
+        ["--timeout", "0", "ping"],
     ],
 )
 async def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
