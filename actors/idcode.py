@@ -88,6 +88,23 @@ class IdCode:
             raise ValueError("IdCode.issued_at out of range")
 
 
+def key_problem(kid: str, value: str) -> str | None:
+    """What is wrong with a configured code key (``hex:<secret>`` or ``file:<path>``), as far
+    as can be told without reading files (``pushd check-config``); None if nothing. Never
+    shows the secret."""
+    if not isinstance(kid, str) or not _KID.fullmatch(kid):
+        return "a key id is 1-32 letters, digits, '.', '_', '-'"
+    if not isinstance(value, str) or not value.startswith(("file:", "hex:")):
+        return "must start with 'file:' or 'hex:'"
+    if value.startswith("hex:"):
+        encoded = value[len("hex:") :]
+        if not _HEX.fullmatch(encoded):
+            return "the secret is not hex (use generate_secret())"
+        if len(encoded) // 2 < MIN_SECRET_BYTES:
+            return f"secret is {len(encoded) // 2} bytes, at least {MIN_SECRET_BYTES} needed"
+    return None
+
+
 def generate_secret() -> str:
     """A fresh 32-byte secret, hex-encoded, ready for the config."""
     return secrets.token_hex(MIN_SECRET_BYTES)

@@ -164,7 +164,7 @@ class ClassSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     id: Annotated[str, Field(min_length=1, max_length=64)]
     description: str = ""
-    rule: Any = "always"
+    rule: Any  # required: a class that says nothing would silently match every device
 
 
 class Config(BaseModel):
@@ -318,6 +318,7 @@ def parse_config(data: dict[str, Any], source: Path | str = "<memory>") -> Confi
 def _check_semantics(cfg: Config, source: Path | str) -> None:
     """Checks that span several keys or need other modules (rules, code keys)."""
     # Imported here: actors/ never imports pushd, pushd may import actors.
+    from actors.idcode import key_problem
     from actors.rules import Classifier, RuleError
 
     problems: list[ConfigProblem] = []
@@ -330,8 +331,9 @@ def _check_semantics(cfg: Config, source: Path | str) -> None:
     if cfg.codes.current not in cfg.codes.keys:
         problems.append(ConfigProblem("codes.current", f"'{cfg.codes.current}' is not in codes.keys"))
     for kid, value in cfg.codes.keys.items():
-        if not value.startswith(("file:", "hex:")):
-            problems.append(ConfigProblem(f"codes.keys.{kid}", "must start with 'file:' or 'hex:'"))
+        problem = key_problem(kid, value)  # the checks startup makes, but reading no file
+        if problem is not None:
+            problems.append(ConfigProblem(f"codes.keys.{kid}", problem))
     if cfg.nodes.shard_by == "region" and not cfg.nodes.regions:
         problems.append(ConfigProblem("nodes.regions", "required when shard_by = 'region'"))
     if problems:

@@ -48,6 +48,9 @@ def test_empty_file_gives_documented_defaults(tmp_path: Path) -> None:
         ("[[classes]]\nid = 'x'\nrule = { field = 'device.os_version', semver_lt = 17 }\n", "classes[0].rule", ""),
         ("[[classes]]\nid = 'x'\nrul = 'always'\n", "classes[0].rul", "unknown key (did you mean 'rule'?)"),
         ("[codes]\ncurrent = 'k9'\n", "codes.current", "not in codes.keys"),
+        ("[codes]\ncurrent = 'k1'\nkeys = { k1 = 'hex:abcd' }\n", "codes.keys.k1", "at least 32 needed"),
+        ("[codes]\ncurrent = 'k 1'\nkeys = { 'k 1' = 'file:k' }\n", "codes.keys.k 1", "a key id is"),
+        ("[[classes]]\nid = 'x'\ndescription = 'no rule'\n", "classes[0].rule", "Field required"),
         ("[nodes]\nshard_by = 'region'\n", "nodes.regions", "required"),
     ],
 )
