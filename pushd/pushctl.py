@@ -748,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pushctl", parents=[common],
         description="Control a running pushd through its control socket.",
-        epilog="exit status: 0 ok, 1 error reply, 2 usage error, 3 daemon unreachable",
+        epilog="exit status: 0 ok, 1 error reply, 2 usage error, 3 daemon unreachable, "
+        "4 push --wait still pending at --wait-timeout",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
