@@ -42,7 +42,7 @@ Change = Literal["registered", "updated", "stale"]
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 _TOKEN = re.compile(r"(?:[0-9a-f]{2}){32,100}")
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}")
-_OS_VERSION = re.compile(r"\d{1,4}(?:\.\d{1,4}){0,3}")
+_OS_VERSION = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,4}){0,3}")  # ASCII digits only
 _APP_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+\-_ ()]{0,31}")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[_\-][A-Za-z0-9]{2,8})*")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")  # categories, event kinds, attributes
@@ -179,18 +179,26 @@ class Registered:
 
 @cache
 def _time_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) | {"UTC"}
+    # Not "localtime" (the server's own zone) nor "Factory": no place a device can be in.
+    return (frozenset(zoneinfo.available_timezones()) | {"UTC"}) - {"localtime", "Factory", "posixrules"}
 
 
 def _text(
-    name: str, value: object, pattern: re.Pattern[str] | None = None, *, limit: int = 128
+    name: str,
+    value: object,
+    pattern: re.Pattern[str] | None = None,
+    *,
+    limit: int = 128,
+    secret: bool = False,
 ) -> str:
+    """``secret``: the value is never repeated in the error (a device token)."""
     if not isinstance(value, str) or not value:
         raise InvalidField(name, "must be a non-empty string")
     if len(value) > limit:
         raise InvalidField(name, f"longer than {limit} characters")
     if pattern is not None and not pattern.fullmatch(value):
-        raise InvalidField(name, f"malformed: {value[:40]!r}")
+        shown = f"{len(value)} characters" if secret else repr(value[:40])
+        raise InvalidField(name, f"malformed: {shown}")
     if not value.isprintable() or value != value.strip():
         raise InvalidField(name, "must be printable, without surrounding spaces")
     return value
@@ -228,7 +236,8 @@ def _attributes(values: object) -> dict[str, Any]:
         elif not _scalar(where, value):
             raise InvalidField(where, "must be a string, number, boolean, null or list of those")
         checked[key] = value
-    if len(_dumps(checked)) > _MAX_ATTRIBUTES_BYTES:
+    # Bytes as UTF-8 (the escaped form would count an emoji as 12).
+    if len(json.dumps(checked, separators=(",", ":"), ensure_ascii=False).encode()) > _MAX_ATTRIBUTES_BYTES:
         raise InvalidField("attributes", f"larger than {_MAX_ATTRIBUTES_BYTES} bytes")
     return checked
 
@@ -248,7 +257,7 @@ def validate(reg: Registration) -> Registration:
         raise InvalidField("consent.events", "must be a boolean")
     return Registration(
         device_id=_text("device_id", reg.device_id, _DEVICE_ID),
-        token=_text("token", token, _TOKEN, limit=200),
+        token=_text("token", token, _TOKEN, limit=200, secret=True),
         environment=reg.environment,
         topic=_text("topic", reg.topic, _TOPIC, limit=255),
         model=_text("model", reg.model, limit=64),

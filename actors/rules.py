@@ -468,6 +468,9 @@ class Classifier:
                     f"{entry_path}.id",
                     "expected an id of 1-64 letters, digits, '.', '_' or '-' (not starting with '.', '_' or '-')",
                 )
+            if class_id == "unclassified":
+                # pushd's own mark for "no class matched": the node does not re-check it
+                raise RuleError(f"{entry_path}.id", "'unclassified' is reserved (a device no class matches)")
             if class_id in first_seen:
                 raise RuleError(
                     f"{entry_path}.id",

@@ -7,6 +7,7 @@ field; nothing is stored until the input is known to be good.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -315,7 +316,10 @@ class Ops:
         device_id = get_arg(args, "device_id", str, None) if args.get("device_id") is not None else None
         name = get_arg(args, "name", str)
         attributes = get_arg(args, "attributes", dict, {})
-        at = float(get_arg(args, "at", (int, float), time.time()))
+        now = time.time()
+        at = float(get_arg(args, "at", (int, float), now))
+        if not (math.isfinite(at) and 0 <= at <= now + 86_400):
+            raise _invalid("at", "must be unix seconds, not more than a day ahead")
         if not name or len(name) > 64:
             raise _invalid("name", "must be 1 to 64 characters")
         if not all(isinstance(k, str) for k in attributes):

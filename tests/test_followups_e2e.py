@@ -61,6 +61,10 @@ async def test_reports_outside_consent_are_refused_and_not_stored(short_tmp: Pat
         with pytest.raises(RequestFailed) as info:
             await call(short_tmp, "report", user_id="nobody", name="app.opened")
         assert info.value.code == "not_found"
+        for at in (float("nan"), float("inf"), -1.0, 4e9):
+            with pytest.raises(RequestFailed) as info:
+                await call(short_tmp, "report", user_id="u1", name="app.opened", at=at)
+            assert (info.value.code, info.value.field) == ("invalid_argument", "at"), at
         assert await call(short_tmp, "report", user_id="u1", name="app.opened") == {"stored": True}
         rows = await daemon.pipeline.store.fetchall("SELECT user_id, name FROM events")
         assert [tuple(r) for r in rows] == [("u1", "app.opened")]

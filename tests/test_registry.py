@@ -247,6 +247,8 @@ async def test_targets_stream_in_bounded_batches(tmp_path: Path) -> None:
         ({"environment": "staging"}, "environment"),
         ({"topic": "-nope"}, "topic"),
         ({"os_version": "seventeen"}, "os_version"),
+        ({"os_version": "\u0661\u0667.\u0661"}, "os_version"),  # Arabic-Indic digits: no semver rule would match
+        ({"time_zone": "localtime"}, "time_zone"),  # the server's zone, not the device's
         ({"app_version": ""}, "app_version"),
         ({"locale": "french!"}, "locale"),
         ({"time_zone": "Mars/Olympus"}, "time_zone"),
@@ -268,6 +270,21 @@ async def test_invalid_fields_are_named(
         await registry.register(registration(**changes), now_ms=T)
     assert info.value.field == field
     assert await registry.get("dev-1") is None
+
+
+async def test_a_malformed_token_is_not_repeated_in_the_error(registry: Registry) -> None:
+    bad = "ab12cd34" * 8 + "zz"
+    with pytest.raises(InvalidField) as info:
+        await registry.register(registration(token=bad), now_ms=T)
+    assert info.value.field == "token" and "ab12cd34" not in str(info.value), str(info.value)
+
+
+async def test_attribute_size_is_counted_in_utf8_bytes(registry: Registry) -> None:
+    # 5,600 bytes as UTF-8; 16,800 characters as escaped JSON (the old measure)
+    await registry.register(registration(attributes={"nick": "\U0001f600" * 1400}), now_ms=T)
+    with pytest.raises(InvalidField) as info:
+        await registry.register(registration(device="dev-2", n=2, attributes={"nick": "\U0001f600" * 4200}), now_ms=T)
+    assert info.value.field == "attributes"
 
 
 async def test_registry_survives_reopening(tmp_path: Path) -> None:

@@ -427,6 +427,7 @@ def test_classifier_from_classdefs() -> None:
             "duplicate class id 'a' (first at classes[0])",
         ),
         ([{"id": "a", "rule": "always", "description": 1}], "classes[0].description", "string"),
+        ([{"id": "unclassified", "rule": "always"}], "classes[0].id", "reserved"),
         ([{"id": "a"}], "classes[0]", "missing 'rule'"),
         (
             [{"id": "a", "rule": "always"}, {"id": "b", "rule": {"all": [{"field": "x"}]}}],
