@@ -88,20 +88,33 @@ class IdCode:
             raise ValueError("IdCode.issued_at out of range")
 
 
+def _check_kid(kid: object) -> None:
+    if not isinstance(kid, str) or not _KID.fullmatch(kid):
+        raise ValueError(f"code key {kid!r}: a key id is 1-32 letters, digits, '.', '_', '-'")
+
+
+def _check_secret(kid: str, secret: object) -> None:
+    if not isinstance(secret, bytes):
+        raise ValueError(f"code key {kid!r}: the secret must be bytes")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"code key {kid!r}: secret is {len(secret)} bytes, at least {MIN_SECRET_BYTES} needed"
+        )
+
+
 def key_problem(kid: str, value: str) -> str | None:
     """What is wrong with a configured code key (``hex:<secret>`` or ``file:<path>``), as far
-    as can be told without reading files (``pushd check-config``); None if nothing. Never
-    shows the secret."""
-    if not isinstance(kid, str) or not _KID.fullmatch(kid):
-        return "a key id is 1-32 letters, digits, '.', '_', '-'"
+    as can be told without reading files (``pushd check-config``): the checks the key ring
+    makes at start-up; None if nothing. Never shows the secret."""
     if not isinstance(value, str) or not value.startswith(("file:", "hex:")):
         return "must start with 'file:' or 'hex:'"
-    if value.startswith("hex:"):
-        encoded = value[len("hex:") :]
-        if not _HEX.fullmatch(encoded):
-            return "the secret is not hex (use generate_secret())"
-        if len(encoded) // 2 < MIN_SECRET_BYTES:
-            return f"secret is {len(encoded) // 2} bytes, at least {MIN_SECRET_BYTES} needed"
+    try:
+        _check_kid(kid)
+        if value.startswith("file:"):
+            return None  # read (or created) at start-up
+        _check_secret(kid, _load_secret(kid, value, None, create_missing=False))
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -118,16 +131,8 @@ class CodeKeys:
     def __init__(self, keys: Mapping[str, bytes], current: str) -> None:
         macs: dict[str, hmac.HMAC] = {}
         for kid, secret in keys.items():
-            if not isinstance(kid, str) or not _KID.fullmatch(kid):
-                raise ValueError(
-                    f"code key {kid!r}: a key id is 1-32 letters, digits, '.', '_', '-'"
-                )
-            if not isinstance(secret, bytes):
-                raise ValueError(f"code key {kid!r}: the secret must be bytes")
-            if len(secret) < MIN_SECRET_BYTES:
-                raise ValueError(
-                    f"code key {kid!r}: secret is {len(secret)} bytes, at least {MIN_SECRET_BYTES} needed"
-                )
+            _check_kid(kid)
+            _check_secret(kid, secret)
             # Keyed once; each tag copies it (a third of the cost of keying per tag).
             macs[kid] = hmac.new(secret, digestmod=hashlib.sha256)
         if current not in macs:

@@ -145,20 +145,24 @@ class ControlServer:
         self.handlers: Mapping[str, Handler] = handlers
         self.mode = mode
         self.gid = _resolve_group(group) if group else None
-        self.allowed_uids = frozenset(allowed_uids) | (
-            {os.getuid()} if allow_own_uid else frozenset()
-        )
         socket_gid = self.gid if self.gid is not None else os.getgid()
         group_rw = mode & 0o060 == 0o060
-        #: The socket's group, allowed whatever ``allowed_gids`` says (kept across reloads).
-        self.implicit_gids = frozenset({socket_gid}) if allow_own_uid and group_rw else frozenset()
-        self.allowed_gids = frozenset(allowed_gids) | self.implicit_gids
+        # Allowed whatever the configured lists say (kept across reloads: allow_peers).
+        self._own_uids = frozenset({os.getuid()}) if allow_own_uid else frozenset()
+        self._own_gids = frozenset({socket_gid}) if allow_own_uid and group_rw else frozenset()
+        self.allow_peers(allowed_uids, allowed_gids)
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.active_connections = 0
         self.total_connections = 0
         self.requests_served = 0
+
+    def allow_peers(self, uids: Collection[int], gids: Collection[int]) -> None:
+        """Set the configured peers (a reload may change them); the daemon's own uid and
+        the socket's group stay allowed."""
+        self.allowed_uids = frozenset(uids) | self._own_uids
+        self.allowed_gids = frozenset(gids) | self._own_gids
 
     def stats(self) -> dict[str, int]:
         """Counters for the daemon's ``stats`` op."""

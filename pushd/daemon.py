@@ -251,8 +251,7 @@ class Daemon:
             self.supervisor.policy = restart_policy(effective)
             if self._control is not None:
                 c = effective.control
-                self._control.allowed_uids = frozenset(c.allowed_uids) | {os.getuid()}
-                self._control.allowed_gids = frozenset(c.allowed_gids) | self._control.implicit_gids
+                self._control.allow_peers(c.allowed_uids, c.allowed_gids)
                 self._control.max_frame = c.max_frame
                 self._control.max_connections = c.max_connections
             if self._pipeline is not None and self._nursery is not None and live is not None:
