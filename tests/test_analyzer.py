@@ -111,6 +111,24 @@ class World:
         )
         await self.inbox.send(AppEvent(user_id, None, name, attributes, now()))
 
+    async def first_repush(self) -> str:
+        """d1 (user u1) was delivered a FOLLOW push and did not act: its first re-push is now
+        queued (no node here sends it). Returns the root message id."""
+        await self.register("d1", "u1")
+        root = await self.push(FOLLOW)
+        await self.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        assert list(await self.repushes(root)) == [f"{root}.r1"]
+        return root
+
+    async def item(self, message_id: str, device_id: str) -> tuple[Any, ...]:
+        """(state, reason) of a queue item."""
+        row = await self.store.fetchone(
+            "SELECT state, reason FROM items WHERE message_id = ? AND device_id = ?", (message_id, device_id)
+        )
+        assert row is not None
+        return tuple(row)
+
     async def followup(self, root: str, device_id: str) -> dict[str, Any]:
         row = await self.store.fetchone("SELECT * FROM followups WHERE root_id = ? AND device_id = ?", (root, device_id))
         assert row is not None
@@ -197,18 +215,11 @@ async def test_not_handled_repushes_at_the_deadline_up_to_the_maximum_spaced(tmp
 async def test_a_repush_still_queued_when_the_user_acts_is_not_sent(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     async with world(tmp_path) as w:
         await w.start_analyzer()
-        await w.register("d1", "u1")
-        root = await w.push(FOLLOW)
-        await w.deliver(root, "d1", "u1")
-        await trio.sleep(601)
-        assert list(await w.repushes(root)) == [f"{root}.r1"]  # queued, not sent yet (a retry, say)
+        root = await w.first_repush()  # queued, not sent yet (a retry, say)
         await w.report("u1", "order.paid", order="A1")
         await trio.sleep(10)
         assert (await w.followup(root, "d1"))["state"] == "handled"
-        item = await w.store.fetchone(
-            "SELECT state, reason FROM items WHERE message_id = ? AND device_id = 'd1'", (f"{root}.r1",)
-        )
-        assert tuple(item) == ("skipped", "handled")  # withdrawn: no node can lease it now
+        assert await w.item(f"{root}.r1", "d1") == ("skipped", "handled")  # withdrawn: no node can lease it now
         message = await w.queue.get_message(f"{root}.r1")
         state = await w.store.fetchone("SELECT state FROM messages WHERE message_id = ?", (f"{root}.r1",))
         assert message is not None and state[0] == "done"
@@ -217,20 +228,13 @@ async def test_a_repush_still_queued_when_the_user_acts_is_not_sent(tmp_path: Pa
 async def test_a_repush_still_queued_when_consent_is_withdrawn_is_not_sent(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     async with world(tmp_path) as w:
         await w.start_analyzer()
-        await w.register("d1", "u1")
-        root = await w.push(FOLLOW)
-        await w.deliver(root, "d1", "u1")
-        await trio.sleep(601)
-        assert list(await w.repushes(root)) == [f"{root}.r1"]
+        root = await w.first_repush()
         await w.register("d1", "u1", consent=())
         await w.inbox.send(RegistryChanged("d1", "u1", "updated", "1.0.0", now()))
         await trio.sleep(10)
         f = await w.followup(root, "d1")
         assert (f["state"], f["reason"]) == ("stopped", "consent_withdrawn")
-        item = await w.store.fetchone(
-            "SELECT state, reason FROM items WHERE message_id = ? AND device_id = 'd1'", (f"{root}.r1",)
-        )
-        assert tuple(item) == ("skipped", "consent_withdrawn")
+        assert await w.item(f"{root}.r1", "d1") == ("skipped", "consent_withdrawn")
 
 
 async def test_regenerate_skips_devices_that_no_longer_qualify(tmp_path: Path, clock: trio.testing.MockClock) -> None:
@@ -348,11 +352,7 @@ async def test_one_timer_not_a_task_per_follow_up(tmp_path: Path, clock: trio.te
 async def test_a_repush_that_expired_in_the_queue_closes_its_follow_up(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     async with world(tmp_path) as w:
         await w.start_analyzer()
-        await w.register("d1", "u1")
-        root = await w.push(FOLLOW)
-        await w.deliver(root, "d1", "u1")
-        await trio.sleep(601)
-        assert list(await w.repushes(root)) == [f"{root}.r1"]
+        root = await w.first_repush()
         # The re-push never reaches a node (it expired in the queue): no delivery record.
         await w.store.execute("UPDATE items SET state = 'expired', reason = 'Expired' WHERE message_id = ?", (f"{root}.r1",))
         await trio.sleep(400)  # the next reconcile sweep

@@ -3,6 +3,7 @@ stopped with SIGTERM (exit 0); sd_notify datagrams from the real process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -84,8 +85,14 @@ def test_run_control_reload_and_stop(short_tmp: Path) -> None:
         assert str(cfg) in bad.stderr + bad.stdout
         # The same through SIGHUP (systemctl reload): the journal names the setting and file.
         cfg.write_text(CONFIG.format(nodes=3) + "[supervisor]\nbackof_max = 3.0\n")
+        notify.setblocking(False)  # drop the notifications of the reloads above
+        with contextlib.suppress(BlockingIOError):
+            while notify.recv(4096):
+                pass
+        notify.settimeout(30)
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
+        while not notify.recv(4096).decode().startswith("READY=1"):  # the rejected reload is done
+            pass
 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
