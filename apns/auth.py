@@ -5,8 +5,8 @@ Token rule (:class:`TokenAuth`):
 - The normal token's ``iat`` is ``floor(now / refresh_interval) * refresh_interval``, and the
   signature is deterministic ECDSA (RFC 6979). So every process sharing a key derives the
   same byte-identical token at the same time, and the token changes exactly once per
-  ``refresh_interval`` (which must lie in [1200, 3600) s, so a token is at least 20 minutes
-  apart from the previous one and never older than an hour).
+  ``refresh_interval`` (which must lie in [1200, 2100] s, so a token is at least 20 minutes
+  apart from the previous one; the upper bound: see the connection rule).
 - :meth:`TokenAuth.token_rejected` (after ExpiredProviderToken / InvalidProviderToken)
   mints a fresh token with ``iat = floor(now)``, but only if the rejected token is the one
   currently in use and that token's ``iat`` is at least 20 minutes old. Otherwise it does
@@ -15,6 +15,15 @@ Token rule (:class:`TokenAuth`):
   TooManyProviderTokenUpdates).
 - A forced token stays in use until both 20 minutes have passed since its ``iat`` and the
   bucket has moved on past it; then the bucket token takes over again.
+
+Connection rule (:class:`ConnectionToken`, one per HTTP/2 connection): APNs refuses a
+connection a new token less than 20 minutes after the previous one first appeared on it
+(``429 TooManyProviderTokenUpdates``, and the connection stays refused for a while). A
+connection opened shortly before the shared token changes would be refused at the change,
+so each connection keeps the token it first sent until it has sent it for
+``MIN_TOKEN_INTERVAL + SWITCH_MARGIN`` seconds, then takes the current one. A token is then
+at most ``refresh_interval + 1260`` s old when a connection lets it go: 3360 s with the
+largest ``refresh_interval`` (2100 s), four minutes inside APNs's hour.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 __all__ = [
+    "ConnectionToken",
     "CredentialsError",
     "TokenAuth",
     "generate_signing_key",
@@ -48,6 +58,14 @@ __all__ = [
 MIN_TOKEN_INTERVAL = 1200.0
 #: APNs refuses tokens older than this.
 MAX_TOKEN_AGE = 3600.0
+#: Seconds beyond MIN_TOKEN_INTERVAL a connection keeps its token (the time it takes a request
+#: to reach APNs, which starts its 20 minutes when the token arrives, not when it was sent).
+SWITCH_MARGIN = 60.0
+#: The largest refresh_interval: a connection may keep a token MIN_TOKEN_INTERVAL +
+#: SWITCH_MARGIN after the bucket moved on, and it must still be inside MAX_TOKEN_AGE then,
+#: with minutes to spare for clock skew.
+MAX_REFRESH_INTERVAL = 2100.0
+DEFAULT_REFRESH_INTERVAL = 1800.0
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -89,7 +107,7 @@ class TokenAuth:
         key_pem: bytes,
         key_id: str,
         team_id: str,
-        refresh_interval: float = 3000.0,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         clock: Callable[[], float] = time.time,
         _source: str = "key_pem",
     ) -> None:
@@ -97,11 +115,11 @@ class TokenAuth:
         _check_id(team_id, "team_id")
         if not (
             isinstance(refresh_interval, int | float)
-            and MIN_TOKEN_INTERVAL <= refresh_interval < MAX_TOKEN_AGE
+            and MIN_TOKEN_INTERVAL <= refresh_interval <= MAX_REFRESH_INTERVAL
         ):
             raise ValueError(
                 f"refresh_interval: must be within [{MIN_TOKEN_INTERVAL:.0f}, "
-                f"{MAX_TOKEN_AGE:.0f}) seconds, got {refresh_interval!r}"
+                f"{MAX_REFRESH_INTERVAL:.0f}] seconds, got {refresh_interval!r}"
             )
         self._key = _load_p256_key(key_pem, _source)
         self.key_id = key_id
@@ -123,7 +141,7 @@ class TokenAuth:
         *,
         key_id: str,
         team_id: str,
-        refresh_interval: float = 3000.0,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> TokenAuth:
         """Load the ``.p8`` key at ``path``; CredentialsError if missing, unreadable or not P-256."""
@@ -188,6 +206,31 @@ class TokenAuth:
         next_bucket = self._bucket_iat(iat) + self.refresh_interval
         self._forced_until = max(iat + MIN_TOKEN_INTERVAL, next_bucket)
         return True
+
+    def for_connection(self) -> ConnectionToken:
+        """The token holder of one new HTTP/2 connection (see the connection rule)."""
+        return ConnectionToken(self)
+
+
+class ConnectionToken:
+    """The provider token one HTTP/2 connection sends; see the module's connection rule."""
+
+    __slots__ = ("_auth", "_since", "_value")
+
+    def __init__(self, auth: TokenAuth) -> None:
+        self._auth = auth
+        self._value = b""
+        self._since = -math.inf  # when this connection first sent _value
+
+    def authorization(self) -> bytes:
+        """The ``authorization`` header value for a request this connection sends now."""
+        current = self._auth.authorization()
+        if current == self._value:
+            return current
+        now = self._auth._clock()
+        if now - self._since >= MIN_TOKEN_INTERVAL + SWITCH_MARGIN:
+            self._value, self._since = current, now
+        return self._value
 
 
 def generate_signing_key(

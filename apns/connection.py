@@ -14,6 +14,10 @@ Results are either a :class:`Response` or a :class:`Failure`:
   refused with REFUSED_STREAM, or above a GOAWAY's last stream id): resend it elsewhere.
 - ``Failure.LOST``: the connection died with the request in flight.
 - ``Failure.TIMEOUT``: no answer before the deadline; the stream was reset, the slot freed.
+
+With token auth each connection adds the ``authorization`` header itself, from its own
+:class:`~apns.auth.ConnectionToken` (a young connection keeps its token across the shared
+token's change, which APNs would refuse it).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import hpack
 import structlog
 import trio
 
+from apns.auth import ConnectionToken, TokenAuth
 from apns.outcome import REASONS, OutcomeClass
 
 log = structlog.get_logger()
@@ -152,6 +157,7 @@ class Request:
         "_offset",
         "_resp_headers",
         "_status",
+        "authorization",
         "body",
         "deadline",
         "detail",
@@ -177,6 +183,7 @@ class Request:
         self.detail = ""
         self.goaway_reason: str | None = None  # APNs reason of the GOAWAY that handed it back
         self.stream_id = 0  # the HTTP/2 stream it went out on; 0 if it never left the queue
+        self.authorization = b""  # the provider token the connection sent it with (if any)
         self._offset = 0
         self._status = 0
         self._resp_headers: Headers = []
@@ -215,12 +222,19 @@ class Connection:
     """One HTTP/2 connection over TLS; see the module docstring."""
 
     def __init__(
-        self, host: str, port: int, ssl_context: ssl.SSLContext, settings: ConnectionSettings
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        settings: ConnectionSettings,
+        *,
+        token: ConnectionToken | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._ssl_context = ssl_context
         self._settings = settings
+        self._token = token  # token auth: adds each request's authorization header
         self._h2 = _H2Connection(config=_H2_CONFIG)
         self._h2.encoder = _HeaderEncoder()
         self._queue: deque[Request] = deque()  # waiting for a stream slot
@@ -452,7 +466,11 @@ class Connection:
         conn = self._h2
         stream_id = conn.get_next_available_stream_id()
         body = request.body
-        conn.send_headers(stream_id, request.headers, end_stream=not body)
+        headers = request.headers
+        if self._token is not None:
+            request.authorization = self._token.authorization()
+            headers = [*headers, (b"authorization", request.authorization)]
+        conn.send_headers(stream_id, headers, end_stream=not body)
         request.stream_id = stream_id
         self._active[stream_id] = request
         if body:
@@ -650,6 +668,7 @@ class ConnectionPool:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         rng: random.Random | None = None,
+        auth: TokenAuth | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -659,6 +678,7 @@ class ConnectionPool:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._rng = rng or random.Random()
+        self._auth = auth  # token auth: each connection holds its own token (ConnectionToken)
         self._connections: list[Connection] = []
         self._next = 0
         self._ready = trio.Event()
@@ -706,7 +726,8 @@ class ConnectionPool:
         failures = 0
         first = True
         while True:
-            conn = Connection(self.host, self.port, self._ssl_context, self._settings)
+            token = self._auth.for_connection() if self._auth is not None else None
+            conn = Connection(self.host, self.port, self._ssl_context, self._settings, token=token)
             up_at = math.inf
             async with trio.open_nursery() as nursery:
                 try:

@@ -147,7 +147,6 @@ class _Job:
 
     __slots__ = (
         "attempts",
-        "authorization",
         "batch",
         "due",
         "handbacks",
@@ -169,7 +168,6 @@ class _Job:
         self.attempts = 0
         self.handbacks = 0
         self.refreshed = False
-        self.authorization = b""
         self.due = 0.0
 
     def done(self, request: Request) -> None:
@@ -209,6 +207,7 @@ class Sender:
             backoff_base=config.backoff_base,
             backoff_max=config.backoff_max,
             rng=self._rng,
+            auth=config.auth,
         )
         authority = config.host if config.port == 443 else f"{config.host}:{config.port}"
         self._prefix: Headers = [
@@ -316,7 +315,6 @@ class Sender:
         that other tasks, an urgent push among them, are not held up for the whole batch);
         False if some are left because no connection is up."""
         pool = self._pool
-        auth = self.config.auth
         deadline = trio.current_time() + self.config.request_timeout
         prefix = self._prefix
         jobs = batch.ready
@@ -324,10 +322,8 @@ class Sender:
             if i == SUBMIT_SLICE:
                 batch.ready = jobs[i:]
                 return True
+            # (token auth: the connection adds the authorization header; see ConnectionToken)
             headers: Headers = [*prefix, NeverIndexedHeaderTuple(b":path", job.path)]
-            if auth is not None:
-                job.authorization = auth.authorization()
-                headers.append((b"authorization", job.authorization))
             for header in job.notification.headers:
                 if header[0] == b"apns-id":  # unique: kept out of the HPACK table
                     header = NeverIndexedHeaderTuple(*header)
@@ -351,7 +347,7 @@ class Sender:
                 and not job.refreshed
             ):
                 job.refreshed = True
-                if self.config.auth.token_rejected(job.authorization):
+                if self.config.auth.token_rejected(request.authorization):
                     self._token_refreshes += 1
                 log.info("apns.token_expired", apns_id=outcome.apns_id)
                 self._resend_now(job)

@@ -92,7 +92,7 @@ class ApnsSection(_Section):
     key_file: str = ""
     key_id: str = ""
     team_id: str = ""
-    token_refresh: Annotated[float, Field(ge=1200, lt=3600)] = 3000.0
+    token_refresh: Annotated[float, Field(ge=1200, le=2100)] = 1800.0
     cert_file: str = ""
     cert_key_file: str = ""
     cert_password: str = ""

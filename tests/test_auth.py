@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from apns.auth import CredentialsError, TokenAuth, generate_signing_key, make_ssl_context
+from apns.auth import (
+    MIN_TOKEN_INTERVAL,
+    SWITCH_MARGIN,
+    CredentialsError,
+    TokenAuth,
+    generate_signing_key,
+    make_ssl_context,
+)
 
 KEY_ID = "ABC123DEFG"
 TEAM_ID = "TEAM123456"
@@ -56,8 +63,8 @@ def test_token_verifies_with_public_key(key_pair: tuple[Path, bytes]) -> None:
     auth = make_auth(key_pair, FakeClock(1_700_000_123.7))
     header, claims = decode(auth.authorization(), key_pair[1])
     assert header == {"alg": "ES256", "kid": KEY_ID}
-    assert claims == {"iss": TEAM_ID, "iat": 1_699_998_000}  # floor(now / 3000) * 3000
-    assert auth.iat == 1_699_998_000
+    assert claims == {"iss": TEAM_ID, "iat": 1_699_999_200}  # floor(now / 1800) * 1800
+    assert auth.iat == 1_699_999_200
     assert (auth.key_id, auth.team_id) == (KEY_ID, TEAM_ID)
     # JWS raw r||s signature (64 bytes), not DER
     sig = auth.authorization().split(b".")[2]
@@ -67,9 +74,10 @@ def test_token_verifies_with_public_key(key_pair: tuple[Path, bytes]) -> None:
 @pytest.mark.parametrize(
     ("now", "interval", "iat"),
     [
-        (3000.0, 3000.0, 3000),
-        (5999.99, 3000.0, 3000),
-        (6000.0, 3000.0, 6000),
+        (1800.0, 1800.0, 1800),
+        (3599.99, 1800.0, 1800),
+        (3600.0, 1800.0, 3600),
+        (4199.0, 2100.0, 4200 - 2100),
         (4799.0, 1200.0, 3600),
     ],
 )
@@ -94,24 +102,24 @@ def test_two_instances_derive_identical_tokens(key_pair: tuple[Path, bytes]) -> 
 
 def test_refresh_at_configured_age(key_pair: tuple[Path, bytes]) -> None:
     clock = FakeClock(10_000.0)
-    auth = make_auth(key_pair, clock, refresh_interval=2400.0)
+    auth = make_auth(key_pair, clock, refresh_interval=2000.0)
     first = auth.authorization()
-    assert auth.iat == 9600
-    clock.now = 11_999.9  # age 2399.9
+    assert auth.iat == 10_000
+    clock.now = 11_999.9  # age 1999.9
     assert auth.authorization() is first
     clock.now = 12_000.0  # age reaches the interval: new token
     second = auth.authorization()
     assert second != first
     assert decode(second, key_pair[1])[1]["iat"] == 12_000
-    # age never reaches one hour
+    # age never reaches the interval
     for t in range(12_000, 30_000, 97):
         clock.now = float(t)
-        assert 0 <= t - auth.iat < 2400
+        assert 0 <= t - auth.iat < 2000
 
 
 def test_token_rejected_rate_limit(key_pair: tuple[Path, bytes]) -> None:
     clock = FakeClock(30_000.0)  # bucket iat 30000
-    auth = make_auth(key_pair, clock)
+    auth = make_auth(key_pair, clock, refresh_interval=1500.0)
     token = auth.authorization()
     # too young (< 20 min): keep it
     clock.now = 31_199.0
@@ -129,50 +137,97 @@ def test_token_rejected_rate_limit(key_pair: tuple[Path, bytes]) -> None:
     clock.now = 32_399.0
     assert auth.token_rejected(fresh) is False
     assert auth.authorization() is fresh
-    # it is held until the bucket moves past it (33000), then every instance agrees again
-    clock.now = 32_999.0
-    assert auth.authorization() is fresh
-    clock.now = 33_000.0
-    assert auth.iat == 33_000
-    assert auth.authorization() == make_auth(key_pair, FakeClock(33_000.0)).authorization()
+    # then the bucket token (iat 31500) takes over, and every instance agrees again
+    clock.now = 32_400.0
+    assert auth.iat == 31_500
+    assert auth.authorization() == make_auth(
+        key_pair, FakeClock(32_400.0), refresh_interval=1500.0
+    ).authorization()
 
 
 def test_forced_token_held_for_20_minutes(key_pair: tuple[Path, bytes]) -> None:
-    clock = FakeClock(2500.0)  # bucket iat 0, age 2500
-    auth = make_auth(key_pair, clock, refresh_interval=3000.0)
+    clock = FakeClock(1700.0)  # bucket iat 0, age 1700
+    auth = make_auth(key_pair, clock, refresh_interval=2000.0)
     assert auth.token_rejected(auth.authorization()) is True
     fresh = auth.authorization()
-    assert auth.iat == 2500
-    clock.now = 3699.0  # the bucket moved to 3000 but 20 min have not passed
+    assert auth.iat == 1700
+    clock.now = 2899.0  # the bucket moved to 2000 but 20 min have not passed
     assert auth.authorization() is fresh
-    clock.now = 3700.0
-    assert auth.iat == 3000
+    clock.now = 2900.0
+    assert auth.iat == 2000
     assert auth.authorization() != fresh
 
 
-def test_forced_token_held_until_next_bucket(key_pair: tuple[Path, bytes]) -> None:
-    clock = FakeClock(0.0)
-    auth = make_auth(key_pair, clock, refresh_interval=3000.0)
-    clock.now = 1500.0
-    assert auth.token_rejected(auth.authorization()) is True  # age 1500
-    fresh = auth.authorization()
-    assert auth.iat == 1500
-    clock.now = 2999.0  # 20 min have passed, but the bucket token (iat 0) is older
-    assert auth.authorization() is fresh
-    clock.now = 3000.0
-    assert auth.iat == 3000
-    assert auth.authorization() != fresh
-
-
-@pytest.mark.parametrize("interval", [1199.9, 3600.0, 60.0])
+@pytest.mark.parametrize("interval", [1199.9, 2100.1, 3000.0, 3600.0, 60.0])
 def test_refresh_interval_bounds(key_pair: tuple[Path, bytes], interval: float) -> None:
     with pytest.raises(ValueError, match="refresh_interval"):
         make_auth(key_pair, FakeClock(0.0), refresh_interval=interval)
 
 
-@pytest.mark.parametrize("interval", [1200.0, 3599.0])
+@pytest.mark.parametrize("interval", [1200.0, 2100.0])
 def test_refresh_interval_limits_accepted(key_pair: tuple[Path, bytes], interval: float) -> None:
     assert make_auth(key_pair, FakeClock(0.0), refresh_interval=interval).iat == 0
+
+
+# --- one connection's token ----------------------------------------------------
+
+
+def jwt_iat(authorization: bytes) -> int:
+    claims = authorization.split(b" ")[1].split(b".")[1]
+    return int(json.loads(base64.urlsafe_b64decode(claims + b"==="))["iat"])
+
+
+def test_a_young_connection_keeps_its_token_across_the_change(key_pair: tuple[Path, bytes]) -> None:
+    clock = FakeClock(1500.0)  # 300 s before the shared token changes at 1800
+    auth = make_auth(key_pair, clock, refresh_interval=1800.0)
+    young = auth.for_connection()
+    first = young.authorization()
+    assert jwt_iat(first) == 0
+    clock.now = 1800.0  # the shared token changed; APNs would refuse it on this connection
+    assert jwt_iat(auth.authorization()) == 1800
+    assert young.authorization() == first
+    assert jwt_iat(auth.for_connection().authorization()) == 1800  # a new one takes it at once
+    clock.now = 1500.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN - 0.1
+    assert young.authorization() == first
+    clock.now = 1500.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN
+    assert jwt_iat(young.authorization()) == 1800
+
+
+@pytest.mark.parametrize("interval", [1200.0, 1800.0, 2100.0])
+def test_a_connection_changes_token_at_most_every_21_minutes_and_never_sends_an_old_one(
+    key_pair: tuple[Path, bytes], interval: float
+) -> None:
+    # connections opened at every point of a bucket, sending every 13 s for three hours:
+    # each change on a connection comes >= 1260 s after its last one, and no token sent is
+    # older than refresh_interval + 1260 s (3360 s at most: inside APNs's hour)
+    clock = FakeClock(0.0)
+    auth = make_auth(key_pair, clock, refresh_interval=interval)
+    for opened in range(0, int(interval), 97):
+        clock.now = 10 * interval + opened
+        conn = auth.for_connection()
+        last, since = b"", -1e9
+        for t in range(0, 3 * 3600, 13):
+            clock.now = 10 * interval + opened + t
+            value = conn.authorization()
+            if value != last:
+                assert clock.now - since >= MIN_TOKEN_INTERVAL + SWITCH_MARGIN
+                last, since = value, clock.now
+            assert clock.now - jwt_iat(value) <= interval + MIN_TOKEN_INTERVAL + SWITCH_MARGIN
+
+
+def test_a_forced_token_reaches_old_connections_after_their_21_minutes(
+    key_pair: tuple[Path, bytes],
+) -> None:
+    clock = FakeClock(1300.0)
+    auth = make_auth(key_pair, clock, refresh_interval=1800.0)
+    old = auth.for_connection()
+    stale = old.authorization()  # iat 0
+    clock.now = 1400.0
+    assert auth.token_rejected(stale) is True  # e.g. APNs found it expired elsewhere
+    assert jwt_iat(auth.for_connection().authorization()) == 1400
+    assert old.authorization() == stale  # not yet 21 minutes on this connection
+    clock.now = 1300.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN
+    assert jwt_iat(old.authorization()) == 1400
 
 
 @pytest.mark.parametrize(("kid", "team"), [("", TEAM_ID), (KEY_ID, 'x"y'), ("a b", TEAM_ID)])

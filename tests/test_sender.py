@@ -145,15 +145,15 @@ async def test_credentials_failure_returned_not_spun(
 async def test_expired_provider_token_refreshed_and_retried_once(
     tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
-    # tokens are minted for 3000 s buckets; the simulator accepts them for 1800 s only
-    await trio.sleep(3000 - (WALL_EPOCH % 3000) + 2000)  # 2000 s into a bucket
-    async with running(tls, signing, SimConfig(jwt_max_age=1800)) as (sim, sender):
+    # tokens are minted for 1800 s buckets; the simulator accepts them for 1300 s only
+    await trio.sleep(1800 - (WALL_EPOCH % 1800) + 1500)  # 1500 s into a bucket
+    async with running(tls, signing, SimConfig(jwt_max_age=1300)) as (sim, sender):
         outcome = await sender.send(TOKEN, note())
         assert outcome.klass is OutcomeClass.DELIVERED, (outcome, sim.requests)
         first, second = sim.requests
         assert first.reason == "ExpiredProviderToken" and second.status == 200
         assert first.jwt_iat is not None and second.jwt_iat is not None
-        assert second.jwt_iat - first.jwt_iat == 2000  # a fresh token, iat = now
+        assert second.jwt_iat - first.jwt_iat == 1500  # a fresh token, iat = now
         assert sender.stats()["token_refreshes"] == 1
 
         # refused again right away: TokenAuth will not churn, the sender retries only once
@@ -166,17 +166,37 @@ async def test_expired_provider_token_refreshed_and_retried_once(
 async def test_jwt_refresh_timing(
     tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
-    await trio.sleep(3000 - (WALL_EPOCH % 3000) + 100)  # 100 s into a token bucket
+    await trio.sleep(1800 - (WALL_EPOCH % 1800) + 100)  # 100 s into a token bucket
     async with running(tls, signing, idle_ping_interval=600) as (sim, sender):
         for _ in range(12):  # two hours, one push every ten minutes
             assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
             await trio.sleep(600)
         iats = [r.jwt_iat for r in sim.requests]
         assert all(r.status == 200 for r in sim.requests)
-        assert len(set(iats)) == 3  # 3000 s buckets: 100..2900, 3000..5900, 6000..
-        assert [iats.count(i) for i in sorted(set(i for i in iats if i is not None))] == [5, 5, 2]
-        assert all(0 <= r.time - (r.jwt_iat or 0) < 3000 for r in sim.requests)
+        assert len(set(iats)) == 4  # 1800 s buckets, each taken at the first push in it
+        assert [iats.count(i) for i in sorted(set(i for i in iats if i is not None))] == [3, 3, 3, 3]
+        assert all(0 <= r.time - (r.jwt_iat or 0) < 1800 for r in sim.requests)
         assert sim.connection_count == 1
+
+
+async def test_a_connection_opened_just_before_the_token_changes_keeps_sending(
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    # APNs refuses a connection a new token within 20 minutes of its previous one: a
+    # connection opened 10 minutes before the shared token changes keeps its first token
+    # past the change (it is then 40 minutes old, inside the hour) and is never refused.
+    await trio.sleep(1800 - (WALL_EPOCH % 1800) + 1200)  # 10 minutes before the change
+    async with running(tls, signing, SimConfig(jwt_wedge=600.0)) as (sim, sender):
+        for _ in range(70):  # 35 minutes, a push every 30 s
+            assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
+            await trio.sleep(30)
+        assert {r.status for r in sim.requests} == {200} and sim.connection_count == 1
+        iats = [r.jwt_iat for r in sim.requests]
+        first, second = sorted(set(iats))  # type: ignore[type-var]
+        assert second - first == 1800
+        switch = iats.index(second)
+        assert sim.requests[switch].time - sim.requests[0].time >= 1260
+        assert all(r.time - (r.jwt_iat or 0) < 3600 for r in sim.requests)
 
 
 async def test_stream_limit_rises_from_one_then_follows_settings(
@@ -539,9 +559,10 @@ async def test_retry_after_is_honoured_and_a_long_one_goes_back_to_the_caller(
 async def test_a_token_change_on_a_young_connection_moves_sending_to_a_new_connection(
     tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
-    # The provider token changes every 3000 s for everyone; APNs refuses a connection a new
-    # token within 20 minutes of its previous one (here: within 4000 s, so the first
-    # change already is too soon) and keeps refusing that connection.
+    # The provider token changes every 1800 s for everyone; APNs refuses a connection a new
+    # token within 20 minutes of its previous one (here: within 4000 s, so the connection's
+    # first change, 21 minutes after its first token, already is too soon) and keeps
+    # refusing that connection.
     config = SimConfig(jwt_min_refresh=4000.0, jwt_wedge=600.0)
     async with running(tls, signing, config, backoff_base=1.0) as (sim, sender):
         assert (await sender.send(TOKEN, note())).klass is OutcomeClass.DELIVERED
