@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from actors.analyzer import apply_consents, followup_summary
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import URGENT_PRIORITY, UnknownMessage
-from actors.registry import Consent, InvalidField, Permissions, Registration
+from actors.registry import Consent, InvalidField, Permissions, Registration, Registry
 from actors.registry import validate as validate_registration
 from apns.payload import redact_token
 from pushd.control import Peer
@@ -324,24 +325,37 @@ class Ops:
             raise _invalid("name", "must be 1 to 64 characters")
         if not all(isinstance(k, str) for k in attributes):
             raise _invalid("attributes", "keys must be strings")
-        row = await self.p.store.fetchone(
-            "SELECT device_id FROM devices WHERE user_id = ? AND (? IS NULL OR device_id = ?) LIMIT 1",
-            (user_id, device_id, device_id),
-        )
-        if row is None:
+        packed = msgpack.packb(attributes, use_bin_type=True)
+
+        def store_event(conn: sqlite3.Connection) -> str:
+            # The consent check and the insert in one transaction: a registration that
+            # withdraws the consent (and deletes the user's events) comes wholly before it
+            # (refused here) or wholly after it (and deletes this event too).
+            row = conn.execute(
+                "SELECT device_id FROM devices WHERE user_id = ? AND (? IS NULL OR device_id = ?) LIMIT 1",
+                (user_id, device_id, device_id),
+            ).fetchone()
+            if row is None:
+                return "not_found"
+            record = Registry.records_in(conn, [row[0]]).get(row[0])
+            if record is None or not record.consent.allows(name):
+                return "not_allowed"
+            conn.execute(
+                "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, ?, ?, ?, ?)",
+                (user_id, device_id, name, packed, at),
+            )
+            return "stored"
+
+        result = await self.p.store.transaction(store_event)
+        if result == "not_found":
             field = "device_id" if device_id is not None else "user_id"
             raise OpError(ErrorCode.NOT_FOUND, f"no registered device for user {user_id!r}", field=field)
-        record = await self.p.registry.get(row[0])
-        if record is None or not record.consent.allows(name):
+        if result == "not_allowed":
             raise OpError(
                 ErrorCode.NOT_ALLOWED,
                 f"user {user_id!r} has not consented to analysis of {name!r} events; nothing stored",
                 field="name",
             )
-        await self.p.store.execute(
-            "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, ?, ?, ?, ?)",
-            (user_id, device_id, name, msgpack.packb(attributes, use_bin_type=True), at),
-        )
         event = AppEvent(user_id=user_id, device_id=device_id, name=name, attributes=attributes, at=at)
         # Stored: if the analyzer's inbox is full it finds the event at the deadline anyway.
         with contextlib.suppress(trio.WouldBlock):

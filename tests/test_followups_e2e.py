@@ -120,3 +120,30 @@ async def test_consent_narrowed_to_nothing_or_withdrawn_in_bulk_deletes_events(s
         await call(short_tmp, "register", **{**a, "consent": {"events": True, "event_kinds": []}})
         await call(short_tmp, "register_many", devices=[{**b, "consent": {"events": False}}])
         assert await daemon.pipeline.store.fetchall("SELECT * FROM events") == []
+
+
+async def test_no_event_outlives_a_consent_withdrawn_while_it_was_reported(short_tmp: Path) -> None:
+    # Reports race with registrations that withdraw the consent (started at several
+    # offsets into a burst of reports): each report is either stored before the withdrawal,
+    # which deletes it, or refused after it; none is stored after it on the strength of a
+    # consent read before it. (A stress test: the race it guards is narrow.)
+    async with running(short_tmp) as daemon:
+        reg = device("d1", "u1", consent={"events": True, "event_kinds": ["app.opened"]})
+        outcomes: list[str] = []
+
+        async def report() -> None:
+            try:
+                await call(short_tmp, "report", user_id="u1", name="app.opened")
+                outcomes.append("stored")
+            except RequestFailed as e:
+                outcomes.append(e.code)
+
+        for delay in [0.0, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015]:
+            await call(short_tmp, "register", **reg)
+            async with trio.open_nursery() as nursery:
+                for _ in range(30):
+                    nursery.start_soon(report)
+                await trio.sleep(delay)
+                await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
+            assert await daemon.pipeline.store.fetchall("SELECT * FROM events") == []
+        assert set(outcomes) == {"stored", "not_allowed"}
