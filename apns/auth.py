@@ -220,14 +220,19 @@ class ConnectionToken:
     def __init__(self, auth: TokenAuth) -> None:
         self._auth = auth
         self._value = b""
-        self._since = -math.inf  # when this connection first sent _value
+        self._since = -math.inf  # when this connection first sent _value (monotonic)
 
-    def authorization(self) -> bytes:
-        """The ``authorization`` header value for a request this connection sends now."""
+    @property
+    def value(self) -> bytes:
+        """The token this connection sends (b"" before its first request)."""
+        return self._value
+
+    def authorization(self, now: float) -> bytes:
+        """The ``authorization`` header value for a request this connection sends now;
+        ``now`` is a monotonic clock (the 20 minutes are elapsed time, not wall time)."""
         current = self._auth.authorization()
         if current == self._value:
             return current
-        now = self._auth._clock()
         if now - self._since >= MIN_TOKEN_INTERVAL + SWITCH_MARGIN:
             self._value, self._since = current, now
         return self._value

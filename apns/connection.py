@@ -60,8 +60,9 @@ _CONNECTION_WINDOW = 1 << 24
 # actors.central.CLASSIFY_SLICE): 17 ms and ~80 ms, the same throughput).
 READ_CHUNK = 2048
 # Answers after which this connection is finished and a new one opened (apns-reference §4):
-# TooManyProviderTokenUpdates: it saw a new provider token too soon after the last one (a
-# token bucket rolled over on a young connection) and stays refused for a while;
+# TooManyProviderTokenUpdates: it saw a new provider token too soon after the last one
+# (apns.auth.ConnectionToken avoids that; another process sharing the connection's key
+# cannot cause it, APNs counts per connection) and stays refused for a while;
 # Shutdown: that APNs server is going away; UnrelatedKeyIdInToken: the connection is tied
 # to another key; ExpiredProviderToken: APNs wedges the connection afterwards (pushy).
 NEW_CONNECTION_REASONS = frozenset(
@@ -300,6 +301,18 @@ class Connection:
         self._wake.set()
         return True
 
+    def sends_token(self, authorization: bytes) -> bool:
+        """Whether this connection's requests carry ``authorization`` (token auth)."""
+        return self._token is not None and self._token.value == authorization
+
+    def drain(self, reason: str) -> None:
+        """Take no new requests and close once the open ones are answered (requests still
+        waiting for a stream slot are handed back unsent); the pool opens a new one."""
+        if not (self._closed or self._draining):
+            self._drain(reason)
+            if not self._active:
+                self.close(reason)
+
     def close(self, reason: str = "closed") -> None:
         """Stop the connection; outstanding requests fail (queued ones as NOT_SENT)."""
         if not self._closed:
@@ -468,7 +481,7 @@ class Connection:
         body = request.body
         headers = request.headers
         if self._token is not None:
-            request.authorization = self._token.authorization()
+            request.authorization = self._token.authorization(trio.current_time())
             headers = [*headers, (b"authorization", request.authorization)]
         conn.send_headers(stream_id, headers, end_stream=not body)
         request.stream_id = stream_id
@@ -713,6 +726,14 @@ class ConnectionPool:
                 best = conn
         self._next = (start + 1) % max(n, 1)
         return best is not None and best.submit(request)
+
+    def drain_token(self, authorization: bytes) -> int:
+        """Replace the connections that send ``authorization`` (APNs refused it); returns
+        how many. Their new connections take the current token at once."""
+        holders = [c for c in self._connections if c.accepting and c.sends_token(authorization)]
+        for conn in holders:
+            conn.drain("provider token refused")
+        return len(holders)
 
     async def wait_ready(self) -> None:
         """Return once a connection accepts requests, or the server refused the credentials."""

@@ -11,8 +11,9 @@ task per request.  Every item gets an :class:`~apns.outcome.Outcome`:
 - requests a connection handed back unprocessed (GOAWAY above last-stream-id, REFUSED_STREAM,
   a connection that died before sending them) are re-sent at once on another connection,
   without counting an attempt;
-- ``ExpiredProviderToken``: the token is reported to ``TokenAuth.token_rejected`` and the
-  request re-sent once with the current token;
+- ``ExpiredProviderToken``: the token is reported to ``TokenAuth.token_rejected``, every
+  connection still sending it is replaced (so is the one that got the answer), and the
+  request is re-sent once, on a connection with the current token;
 - retryable outcomes (429, 5xx, Shutdown, lost connection, timeout) are re-sent after a
   jittered exponential backoff (at least a ``Retry-After``), up to ``max_attempts`` in all,
   then returned as RETRY for the durable queue to reschedule; a ``Retry-After`` longer than
@@ -347,8 +348,13 @@ class Sender:
                 and not job.refreshed
             ):
                 job.refreshed = True
-                if self.config.auth.token_rejected(request.authorization):
+                auth = self.config.auth
+                if auth.token_rejected(request.authorization):
                     self._token_refreshes += 1
+                if auth.authorization() != request.authorization:
+                    # there is a newer token: the other connections still sending the
+                    # refused one would be refused too (they keep a token 21 minutes)
+                    self._pool.drain_token(request.authorization)
                 log.info("apns.token_expired", apns_id=outcome.apns_id)
                 self._resend_now(job)
                 return

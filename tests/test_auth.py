@@ -181,16 +181,16 @@ def test_a_young_connection_keeps_its_token_across_the_change(key_pair: tuple[Pa
     clock = FakeClock(1500.0)  # 300 s before the shared token changes at 1800
     auth = make_auth(key_pair, clock, refresh_interval=1800.0)
     young = auth.for_connection()
-    first = young.authorization()
+    first = young.authorization(clock.now)
     assert jwt_iat(first) == 0
     clock.now = 1800.0  # the shared token changed; APNs would refuse it on this connection
     assert jwt_iat(auth.authorization()) == 1800
-    assert young.authorization() == first
-    assert jwt_iat(auth.for_connection().authorization()) == 1800  # a new one takes it at once
+    assert young.authorization(clock.now) == first
+    assert jwt_iat(auth.for_connection().authorization(clock.now)) == 1800  # a new one takes it at once
     clock.now = 1500.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN - 0.1
-    assert young.authorization() == first
+    assert young.authorization(clock.now) == first
     clock.now = 1500.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN
-    assert jwt_iat(young.authorization()) == 1800
+    assert jwt_iat(young.authorization(clock.now)) == 1800
 
 
 @pytest.mark.parametrize("interval", [1200.0, 1800.0, 2100.0])
@@ -208,11 +208,21 @@ def test_a_connection_changes_token_at_most_every_21_minutes_and_never_sends_an_
         last, since = b"", -1e9
         for t in range(0, 3 * 3600, 13):
             clock.now = 10 * interval + opened + t
-            value = conn.authorization()
+            value = conn.authorization(clock.now)
             if value != last:
                 assert clock.now - since >= MIN_TOKEN_INTERVAL + SWITCH_MARGIN
                 last, since = value, clock.now
             assert clock.now - jwt_iat(value) <= interval + MIN_TOKEN_INTERVAL + SWITCH_MARGIN
+
+
+def test_the_21_minutes_are_elapsed_time_not_wall_time(key_pair: tuple[Path, bytes]) -> None:
+    wall = FakeClock(1500.0)
+    auth = make_auth(key_pair, wall, refresh_interval=1800.0)
+    conn = auth.for_connection()
+    first = conn.authorization(100.0)  # monotonic 100
+    wall.now = 1500.0 + 2 * 3600  # the wall clock stepped two hours ahead (NTP, resume)
+    assert conn.authorization(160.0) == first  # only a minute has passed on this connection
+    assert conn.authorization(100.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN) != first
 
 
 def test_a_forced_token_reaches_old_connections_after_their_21_minutes(
@@ -221,13 +231,13 @@ def test_a_forced_token_reaches_old_connections_after_their_21_minutes(
     clock = FakeClock(1300.0)
     auth = make_auth(key_pair, clock, refresh_interval=1800.0)
     old = auth.for_connection()
-    stale = old.authorization()  # iat 0
+    stale = old.authorization(clock.now)  # iat 0
     clock.now = 1400.0
     assert auth.token_rejected(stale) is True  # e.g. APNs found it expired elsewhere
-    assert jwt_iat(auth.for_connection().authorization()) == 1400
-    assert old.authorization() == stale  # not yet 21 minutes on this connection
+    assert jwt_iat(auth.for_connection().authorization(clock.now)) == 1400
+    assert old.authorization(clock.now) == stale  # not yet 21 minutes on this connection
     clock.now = 1300.0 + MIN_TOKEN_INTERVAL + SWITCH_MARGIN
-    assert jwt_iat(old.authorization()) == 1400
+    assert jwt_iat(old.authorization(clock.now)) == 1400
 
 
 @pytest.mark.parametrize(("kid", "team"), [("", TEAM_ID), (KEY_ID, 'x"y'), ("a b", TEAM_ID)])

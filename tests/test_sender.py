@@ -163,6 +163,31 @@ async def test_expired_provider_token_refreshed_and_retried_once(
         assert sim.request_count == 4
 
 
+async def test_after_expired_provider_token_no_connection_resends_the_refused_token(
+    tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
+) -> None:
+    # Two connections took the same token (each keeps it up to 21 minutes); APNs calls it
+    # expired (here: the simulator accepts tokens for 1300 s only). The request is re-sent
+    # with a fresh token, not on the other connection with the refused one.
+    await trio.sleep(1800 - (WALL_EPOCH % 1800) + 100)  # 100 s into a token bucket
+    async with running(tls, signing, SimConfig(jwt_max_age=1300), connections=2) as (sim, sender):
+        await sim.wait_for_connections(2)
+        outcomes = await sender.send_many([(TOKEN, note()) for _ in range(6)])
+        assert [o.klass for o in outcomes] == [OutcomeClass.DELIVERED] * 6
+        assert {r.connection_id for r in sim.requests} == {1, 2}
+        await trio.sleep(1210)  # the token is now 1310 s old
+        n = len(sim.requests)
+        outcome = await sender.send(TOKEN, note())
+        tail = [(r.connection_id, r.status, r.reason, r.jwt_iat) for r in sim.requests[n:]]
+        assert outcome.klass is OutcomeClass.DELIVERED, tail
+        (refused, answered) = sim.requests[n:]
+        assert refused.reason == "ExpiredProviderToken" and answered.status == 200
+        assert answered.jwt_iat is not None and refused.jwt_iat is not None
+        assert answered.jwt_iat > refused.jwt_iat and answered.connection_id > 2
+        # both connections that held the refused token were replaced
+        assert sim.connection_count == 4 and sender.stats()["token_refreshes"] == 1
+
+
 async def test_jwt_refresh_timing(
     tls: TlsFiles, signing: tuple[SimKey, bytes], autojump_clock: trio.testing.MockClock
 ) -> None:
