@@ -480,44 +480,51 @@ async def withdraw_consent(store: Any, user_id: str, *, allowed_kinds: Sequence[
 
 
 async def apply_consents(store: Any, consents: Sequence[tuple[str, tuple[str, ...]]]) -> tuple[int, int]:
-    """``withdraw_consent`` for many users at once (a registration batch), in a few
-    queries: only users that have stored events or open follow-ups cost more."""
+    """``withdraw_consent`` for many users at once, in one transaction."""
+    now = time.time()
+    deleted, stopped = await store.transaction(lambda conn: apply_consents_in(conn, consents, now))
+    if deleted or stopped:
+        log.info("consent applied", users=len(consents), events_deleted=deleted, followups_stopped=stopped)
+    return deleted, stopped
+
+
+def apply_consents_in(
+    conn: sqlite3.Connection, consents: Sequence[tuple[str, tuple[str, ...]]], now: float
+) -> tuple[int, int]:
+    """:func:`apply_consents` inside the caller's transaction (a registration's: so that
+    the consent and its consequences are stored together or not at all). Only users that
+    have stored events or open follow-ups cost more than a query per 500 users."""
     allowed = dict(consents)  # user id -> kinds that may still be analysed
     users = list(allowed)
     deleted = stopped = 0
     for i in range(0, len(users), 500):
         chunk = users[i : i + 500]
         marks = ",".join("?" * len(chunk))
-        with_events = [r[0] for r in await store.fetchall(
+        with_events = [r[0] for r in conn.execute(
             f"SELECT DISTINCT user_id FROM events WHERE user_id IN ({marks})", chunk
         )]
         for user_id in with_events:
             kinds = allowed[user_id]
             kind_marks = ",".join("?" * len(kinds))
-            deleted += await store.execute(
+            deleted += conn.execute(
                 f"DELETE FROM events WHERE user_id = ? AND name NOT IN ({kind_marks})"
                 if kinds
                 else "DELETE FROM events WHERE user_id = ?",
                 (user_id, *kinds),
-            )
-        rows = await store.fetchall(
+            ).rowcount
+        rows = conn.execute(
             f"""SELECT f.user_id, f.root_id, f.device_id, m.meta FROM followups f
                 JOIN messages m ON m.message_id = f.root_id
                 WHERE f.user_id IN ({marks}) AND f.state IN ('pending', 'waiting')""",
             chunk,
-        )
+        ).fetchall()
         for user_id, root_id, device_id, meta in rows:
             spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
             if spec.event is not None and spec.event not in allowed[user_id]:
-                now = time.time()
-                stopped += await store.transaction(
-                    lambda conn, root_id=root_id, device_id=device_id, now=now: end_followup_in(
-                        conn, root_id, device_id, "state = 'stopped', reason = ?", ("consent_withdrawn",),
-                        "consent_withdrawn", now,
-                    )
+                stopped += end_followup_in(
+                    conn, root_id, device_id, "state = 'stopped', reason = ?", ("consent_withdrawn",),
+                    "consent_withdrawn", now,
                 )
-    if deleted or stopped:
-        log.info("consent applied", users=len(users), events_deleted=deleted, followups_stopped=stopped)
     return deleted, stopped
 
 

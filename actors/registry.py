@@ -392,7 +392,7 @@ class Registry:
     async def register(self, registration: Registration, *, now_ms: int) -> Registered:
         """Store or update a device and its user; raises :class:`InvalidField`."""
         reg = validate(registration)
-        return await self.store.transaction(lambda conn: self._register(conn, reg, now_ms))
+        return await self.store.transaction(lambda conn: self.register_in(conn, reg, now_ms))
 
     async def register_many(
         self, registrations: Sequence[Registration], *, now_ms: int
@@ -400,11 +400,12 @@ class Registry:
         """Register a batch in one transaction (bulk imports); all valid or none stored."""
         regs = [validate(r) for r in registrations]
         return await self.store.transaction(
-            lambda conn: [self._register(conn, reg, now_ms) for reg in regs]
+            lambda conn: [self.register_in(conn, reg, now_ms) for reg in regs]
         )
 
     @staticmethod
-    def _register(conn: sqlite3.Connection, reg: Registration, now_ms: int) -> Registered:
+    def register_in(conn: sqlite3.Connection, reg: Registration, now_ms: int) -> Registered:
+        """:meth:`register` inside the caller's transaction; ``reg`` already validated."""
         old = _get(conn, reg.device_id)
         if old is not None and now_ms < old.updated_at_ms:
             return Registered(old, "stale")

@@ -18,11 +18,11 @@ import msgpack
 import structlog
 import trio
 
-from actors.analyzer import apply_consents, followup_summary
+from actors.analyzer import apply_consents_in, followup_summary
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import URGENT_PRIORITY, UnknownMessage
-from actors.registry import Consent, InvalidField, Permissions, Registration, Registry
+from actors.registry import Consent, InvalidField, Permissions, Registered, Registration, Registry
 from actors.registry import validate as validate_registration
 from apns.payload import redact_token
 from pushd.control import Peer
@@ -164,17 +164,30 @@ class Ops:
         except trio.WouldBlock:
             self.p.counters["registry_hints_dropped"] += 1
 
+    async def _register(self, registrations: list[Registration]) -> list[Registered]:
+        """Store validated registrations and apply their consent in one transaction: events
+        outside it are deleted and the follow-ups that needed them stop, together with the
+        change (not later, when the analyzer gets to it; and never the one without the
+        other)."""
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> tuple[list[Registered], tuple[int, int]]:
+            results = [Registry.register_in(conn, reg, int(now * 1000)) for reg in registrations]
+            consents = [_consent_of(r.record) for r in results if r.change != "stale"]
+            return results, apply_consents_in(conn, consents, now)
+
+        results, (deleted, stopped) = await self.p.store.transaction(write)
+        if deleted or stopped:
+            log.info("consent applied", users=len(results), events_deleted=deleted, followups_stopped=stopped)
+        return results
+
     async def register(self, args: dict[str, Any], peer: Peer) -> Any:
-        registration = parse_registration(args)
         try:
-            result = await self.p.registry.register(registration, now_ms=int(time.time() * 1000))
+            registration = validate_registration(parse_registration(args))
         except InvalidField as exc:
             raise _invalid(exc.field, exc.message) from None
+        (result,) = await self._register([registration])
         record = result.record
-        if result.change != "stale":
-            # Consent is applied at once, not when the analyzer gets to it: events outside
-            # it are deleted and the follow-ups that needed them stop, before we answer.
-            await apply_consents(self.p.store, [_consent_of(record)])
         await self._notify_analyzer(
             RegistryChanged(
                 device_id=record.device_id,
@@ -208,11 +221,7 @@ class Ops:
                 raise _invalid(f"devices[{i}].{exc.field}", exc.message) from None
             except InvalidField as exc:
                 raise _invalid(f"devices[{i}].{exc.field}", exc.message) from None
-        try:
-            results = await self.p.registry.register_many(registrations, now_ms=int(time.time() * 1000))
-        except InvalidField as exc:
-            raise _invalid(f"devices.{exc.field}", exc.message) from None
-        await apply_consents(self.p.store, [_consent_of(r.record) for r in results if r.change != "stale"])
+        results = await self._register(registrations)
         for result in results:
             if result.change != "stale":
                 await self._notify_analyzer(

@@ -147,3 +147,25 @@ async def test_no_event_outlives_a_consent_withdrawn_while_it_was_reported(short
                 await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
             assert await daemon.pipeline.store.fetchall("SELECT * FROM events") == []
         assert set(outcomes) == {"stored", "not_allowed"}
+
+
+async def test_a_withdrawal_whose_deletion_fails_is_not_stored_either(short_tmp: Path) -> None:
+    # The consent and its consequences are one transaction: if deleting the events fails
+    # (here: a trigger refuses it), the registration fails too and the old consent stands,
+    # instead of a withdrawn consent with the user's events still stored.
+    async with running(short_tmp) as daemon:
+        store = daemon.pipeline.store
+        reg = device("d1", "u1", consent={"events": True, "event_kinds": ["app.opened"]})
+        await call(short_tmp, "register", **reg)
+        await call(short_tmp, "report", user_id="u1", name="app.opened")
+        await store.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+        )
+        with pytest.raises(RequestFailed):
+            await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
+        device_row = await call(short_tmp, "device", device_id="d1")
+        assert device_row["consent"]["events"] is True
+        assert len(await store.fetchall("SELECT * FROM events")) == 1
+        await store.execute("DROP TRIGGER refuse")
+        await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
+        assert await store.fetchall("SELECT * FROM events") == []
