@@ -392,25 +392,24 @@ class AnalyzerActor:
         notification.setdefault("collapse_id", root.collapse_id or root.message_id)
         expiration = now + max(60.0, (root.expiration or now + live.default_ttl) - root.created_at)
         notification["expiration"] = int(expiration)
-        await self.queue.create_message(
-            MessageRow(
-                message_id=child_id,
-                notification=notification,
-                priority=root.priority,
-                push_type=root.push_type,
-                created_at=now,
-                audience=len(records),
-                target={"devices": [r.device_id for r in records]},
-                expiration=expiration,
-                collapse_id=notification.get("collapse_id"),
-                meta={
-                    "root_id": root.message_id,
-                    "repush": n,
-                    "strategy": spec.strategy,
-                    "follow_up": root.meta["follow_up"],
-                    "category": root.meta.get("category"),
-                },
-            )
+        child = MessageRow(
+            message_id=child_id,
+            notification=notification,
+            priority=root.priority,
+            push_type=root.push_type,
+            created_at=now,
+            audience=len(records),
+            target={"devices": [r.device_id for r in records]},
+            expiration=expiration,
+            collapse_id=notification.get("collapse_id"),
+            meta={
+                "root_id": root.message_id,
+                "repush": n,
+                "strategy": spec.strategy,
+                "follow_up": root.meta["follow_up"],
+                "category": root.meta.get("category"),
+                **({"target_classes": root.target["classes"]} if root.target.get("classes") else {}),
+            },
         )
         issued = int(now * 1000)
         items = []
@@ -431,15 +430,25 @@ class AnalyzerActor:
             shards.add(shard)
             code = live.codes.seal(IdCode(child_id, record.device_id, record.user_id, class_id, issued))
             items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=code))
-        await self.queue.enqueue(child_id, items, now=now)
-        await self.store.execute(
-            "UPDATE messages SET fanout_done = 1 WHERE message_id = ?", (child_id,)
-        )
-        await self.store.executemany(
-            """UPDATE followups SET state = 'waiting', repushes = ?, due_at = NULL, updated_at = ?
-               WHERE root_id = ? AND device_id = ? AND state = 'pending'""",
-            [(n, now, root.message_id, r.device_id) for r in records],
-        )
+
+        def write(conn: sqlite3.Connection) -> None:
+            # One transaction: the child message, its items, the end of its fan-out and the
+            # follow-ups' move to 'waiting' are stored together or not at all. (Apart, a
+            # crash in between left a re-push queued that an ended follow-up did not know
+            # to withdraw, or a child message that central's fan-out would enqueue.)
+            if conn.execute("SELECT 1 FROM messages WHERE message_id = ?", (child_id,)).fetchone():
+                # a later batch of the same re-push (a broadcast fires FIRE_BATCH at a time)
+                conn.execute(
+                    "UPDATE messages SET audience = audience + ? WHERE message_id = ?", (len(items), child_id)
+                )
+            self.queue.create_many_in(conn, [(child, items)], now)
+            conn.executemany(
+                """UPDATE followups SET state = 'waiting', repushes = ?, due_at = NULL, updated_at = ?
+                   WHERE root_id = ? AND device_id = ? AND state = 'pending'""",
+                [(n, now, root.message_id, r.device_id) for r in records],
+            )
+
+        await self.store.transaction(write)
         log.info("re-push", message_id=root.message_id, repush=n, devices=len(records), strategy=spec.strategy)
         if self.queue_notes is not None:
             with contextlib.suppress(trio.WouldBlock):

@@ -371,3 +371,29 @@ async def test_resend_stops_when_the_device_left_its_class(tmp_path: Path, clock
         f = await w.followup(root, "d1")
         assert (f["state"], f["reason"]) == ("stopped", "class_changed")
         assert await w.repushes(root) == {}
+
+
+async def test_a_repush_that_fails_half_way_leaves_nothing_behind(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # The child message, its items and the follow-up's move to 'waiting' are one write: if
+    # the last part fails (here a trigger refuses it; a crash or a storage timeout alike),
+    # no re-push is left queued (or left for central's fan-out) that an ended follow-up
+    # would not know to withdraw. The follow-up stays pending and fires again.
+    async with world(tmp_path) as w:
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        await w.store.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF state ON followups WHEN NEW.state = 'waiting' "
+            "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+        )
+        ctx = ActorContext("analyzer", Heartbeat(100_000.0))
+        actor = AnalyzerActor(ctx, inbox=w.recv.clone(), queue=w.queue, registry=w.registry, live=w.live, clock=now)
+        with pytest.raises(Exception, match="disk trouble"):
+            await actor.fire_due(now())
+        assert await w.store.fetchall("SELECT message_id FROM messages WHERE message_id LIKE ?", (root + ".r%",)) == []
+        assert (await w.followup(root, "d1"))["state"] == "pending"
+        await w.store.execute("DROP TRIGGER refuse")
+        await actor.fire_due(now())
+        assert list(await w.repushes(root)) == [f"{root}.r1"]
+        assert (await w.followup(root, "d1"))["state"] == "waiting"
