@@ -1,8 +1,9 @@
 """Analyzer: after a notification is delivered, judges from the user's data — only what
 the user authorised — whether they handled the matter, and re-pushes when they did not.
 
-Inputs (its inbox): delivery records from the nodes, app events reported through the
-control socket (already stored, within consent), and registry changes.
+Inputs (its inbox): delivery records from the nodes and registry changes. App events
+settle follow-ups where they are stored: ``report`` calls :func:`handle_event_in` in the
+transaction that stores the event (an ``AppEvent`` in the inbox is handled the same way).
 
 State lives in SQLite (``followups``, ``events``), so a million pending follow-ups cost
 rows, not memory. One timer per actor: it sleeps until the earliest ``due_at`` of a
@@ -227,18 +228,10 @@ class AnalyzerActor:
         (``record_outcomes``), and ``reconcile`` repairs what a lost record leaves."""
 
     async def on_event(self, e: AppEvent) -> None:
-        rows = await self.store.fetchall(
-            """SELECT root_id, device_id, delivered_at FROM followups
-               WHERE user_id = ? AND state IN ('pending', 'waiting')""",
-            (e.user_id,),
-        )
-        for root_id, device_id, delivered_at in rows:
-            found = await self._spec(root_id)
-            if found is None:
-                continue
-            _, spec = found
-            if e.at >= delivered_at and spec.event_matches(e.name, e.attributes):
-                await self._handled(root_id, device_id, e.at)
+        now = self.clock()
+        handled = await self.store.transaction(lambda conn: handle_event_in(conn, e, now))
+        for root_id, device_id in handled:
+            log.info("handled", message_id=root_id, device_id=device_id)
 
     async def on_registry_change(self, change: RegistryChanged) -> None:
         record = await self.registry.get(change.device_id)
@@ -455,6 +448,30 @@ class AnalyzerActor:
                 self.queue_notes.send_nowait(
                     Enqueued(shards=sorted(shards), count=len(items), urgent=root.priority >= URGENT_PRIORITY)
                 )
+
+
+def handle_event_in(conn: sqlite3.Connection, e: AppEvent, now: float) -> list[tuple[str, str]]:
+    """End, as handled, the open follow-ups of ``e``'s user that the event settles (and
+    withdraw their queued re-pushes), inside the caller's transaction: ``report`` calls it
+    in the transaction that stores the event, so no event is stored without its effect.
+    Returns the (root id, device id) pairs ended."""
+    rows = conn.execute(
+        """SELECT f.root_id, f.device_id, f.delivered_at, m.meta FROM followups f
+           JOIN messages m ON m.message_id = f.root_id
+           WHERE f.user_id = ? AND f.state IN ('pending', 'waiting')""",
+        (e.user_id,),
+    ).fetchall()
+    specs: dict[str, FollowUp] = {}
+    handled = []
+    for root_id, device_id, delivered_at, meta in rows:
+        spec = specs.get(root_id)
+        if spec is None:
+            spec = specs[root_id] = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+        if e.at >= delivered_at and spec.event_matches(e.name, e.attributes) and end_followup_in(
+            conn, root_id, device_id, "state = 'handled', handled_at = ?", (e.at,), "handled", now
+        ):
+            handled.append((root_id, device_id))
+    return handled
 
 
 def end_followup_in(

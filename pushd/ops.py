@@ -18,7 +18,7 @@ import msgpack
 import structlog
 import trio
 
-from actors.analyzer import apply_consents_in, followup_summary
+from actors.analyzer import apply_consents_in, followup_summary, handle_event_in
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import URGENT_PRIORITY, UnknownMessage
@@ -335,6 +335,8 @@ class Ops:
         if not all(isinstance(k, str) for k in attributes):
             raise _invalid("attributes", "keys must be strings")
         packed = msgpack.packb(attributes, use_bin_type=True)
+        event = AppEvent(user_id=user_id, device_id=device_id, name=name, attributes=attributes, at=at)
+        handled: list[tuple[str, str]] = []
 
         def store_event(conn: sqlite3.Connection) -> str:
             # The consent check and the insert in one transaction: a registration that
@@ -353,6 +355,10 @@ class Ops:
                 "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, ?, ?, ?, ?)",
                 (user_id, device_id, name, packed, at),
             )
+            # Its effect in the same transaction: the follow-ups it settles end (and their
+            # queued re-pushes are withdrawn) now, not when the analyzer gets a hint that
+            # a full inbox could drop.
+            handled.extend(handle_event_in(conn, event, now))
             return "stored"
 
         result = await self.p.store.transaction(store_event)
@@ -365,10 +371,8 @@ class Ops:
                 f"user {user_id!r} has not consented to analysis of {name!r} events; nothing stored",
                 field="name",
             )
-        event = AppEvent(user_id=user_id, device_id=device_id, name=name, attributes=attributes, at=at)
-        # Stored: if the analyzer's inbox is full it finds the event at the deadline anyway.
-        with contextlib.suppress(trio.WouldBlock):
-            self.p.analyzer_send.send_nowait(event)
+        for root_id, handled_device in handled:
+            log.info("handled", message_id=root_id, device_id=handled_device)
         return {"stored": True}
 
     async def classes(self, args: dict[str, Any], peer: Peer) -> Any:

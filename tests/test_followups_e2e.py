@@ -169,3 +169,25 @@ async def test_a_withdrawal_whose_deletion_fails_is_not_stored_either(short_tmp:
         await store.execute("DROP TRIGGER refuse")
         await call(short_tmp, "register", **{**reg, "consent": {"events": False}})
         assert await store.fetchall("SELECT * FROM events") == []
+
+
+async def test_a_report_settles_its_follow_ups_before_it_is_answered(short_tmp: Path) -> None:
+    # The follow-ups an event settles end in the transaction that stores the event: not
+    # when the analyzer gets a hint, which a full inbox (here: room for one) would drop,
+    # leaving a queued re-push to be sent after the user acted.
+    async with running(short_tmp, extra="[channels]\nanalyzer = 1\n") as daemon:
+        users = [f"u{i}" for i in range(12)]
+        consent = {"events": True, "event_kinds": ["order.paid"]}
+        for i, user in enumerate(users):
+            await call(short_tmp, "register", **device(f"d{i}", user, consent=consent))
+        follow = {**FOLLOW, "deadline": 3600, "spacing": 3600}
+        accepted = await call(short_tmp, "push", notification=alert("pay"), target={"users": users}, follow_up=follow)
+        await settled(short_tmp, accepted["message_id"])
+        await wait_followup(short_tmp, accepted["message_id"], "delivered", len(users))
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(
+                    lambda user=user: call(short_tmp, "report", user_id=user, name="order.paid", attributes={"order": "A1"})
+                )
+        rows = await daemon.pipeline.store.fetchall("SELECT state FROM followups")
+        assert [r[0] for r in rows] == ["handled"] * len(users)
