@@ -245,18 +245,9 @@ class AnalyzerActor:
         await withdraw_consent(
             self.store, record.user_id, allowed_kinds=record.consent.event_kinds if record.consent.events else ()
         )
-        rows = await self.store.fetchall(
-            "SELECT root_id FROM followups WHERE device_id = ? AND state IN ('pending', 'waiting')",
-            (record.device_id,),
-        )
-        for (root_id,) in rows:
-            found = await self._spec(root_id)
-            if found is None:
-                continue
-            _, spec = found
-            rule = spec.registry_rule()
-            if rule is not None and rule.matches(record.fields()):
-                await self._handled(root_id, record.device_id, change.at or self.clock())
+        at = change.at or self.clock()
+        for root_id in await self.store.transaction(lambda conn: handle_registration_in(conn, record, at)):
+            log.info("handled", message_id=root_id, device_id=record.device_id)
 
     # -- state changes ------------------------------------------------------------------
 
@@ -296,7 +287,8 @@ class AnalyzerActor:
                     return float(at)
         rule = spec.registry_rule()
         if rule is not None and rule.matches(record.fields()):
-            return record.updated_at_ms / 1000
+            # already true when delivered (or no change recorded since): handled at delivery
+            return max(record.updated_at_ms / 1000, delivered_at)
         return None
 
     async def fire_due(self, now: float) -> int:
@@ -471,6 +463,25 @@ def handle_event_in(conn: sqlite3.Connection, e: AppEvent, now: float) -> list[t
             conn, root_id, device_id, "state = 'handled', handled_at = ?", (e.at,), "handled", now
         ):
             handled.append((root_id, device_id))
+    return handled
+
+
+def handle_registration_in(conn: sqlite3.Connection, record: DeviceRecord, now: float) -> list[str]:
+    """End, as handled, the open follow-ups of ``record``'s device whose registry condition
+    its new data meets (and withdraw their queued re-pushes), inside the registration's
+    transaction. Returns the root ids ended."""
+    rows = conn.execute(
+        """SELECT f.root_id, m.meta FROM followups f JOIN messages m ON m.message_id = f.root_id
+           WHERE f.device_id = ? AND f.state IN ('pending', 'waiting')""",
+        (record.device_id,),
+    ).fetchall()
+    handled = []
+    for root_id, meta in rows:
+        rule = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"]).registry_rule()
+        if rule is not None and rule.matches(record.fields()) and end_followup_in(
+            conn, root_id, record.device_id, "state = 'handled', handled_at = ?", (now,), "handled", now
+        ):
+            handled.append(root_id)
     return handled
 
 

@@ -18,7 +18,12 @@ import msgpack
 import structlog
 import trio
 
-from actors.analyzer import apply_consents_in, followup_summary, handle_event_in
+from actors.analyzer import (
+    apply_consents_in,
+    followup_summary,
+    handle_event_in,
+    handle_registration_in,
+)
 from actors.central import Failed, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import URGENT_PRIORITY, UnknownMessage
@@ -171,14 +176,19 @@ class Ops:
         other)."""
         now = time.time()
 
-        def write(conn: sqlite3.Connection) -> tuple[list[Registered], tuple[int, int]]:
+        def write(conn: sqlite3.Connection) -> tuple[list[Registered], tuple[int, int], list[tuple[str, str]]]:
             results = [Registry.register_in(conn, reg, int(now * 1000)) for reg in registrations]
-            consents = [_consent_of(r.record) for r in results if r.change != "stale"]
-            return results, apply_consents_in(conn, consents, now)
+            changed = [r.record for r in results if r.change != "stale"]
+            consent = apply_consents_in(conn, [_consent_of(record) for record in changed], now)
+            # follow-ups whose registry condition the new data meets end now, with it
+            handled = [(root_id, r.device_id) for r in changed for root_id in handle_registration_in(conn, r, now)]
+            return results, consent, handled
 
-        results, (deleted, stopped) = await self.p.store.transaction(write)
+        results, (deleted, stopped), handled = await self.p.store.transaction(write)
         if deleted or stopped:
             log.info("consent applied", users=len(results), events_deleted=deleted, followups_stopped=stopped)
+        for root_id, device_id in handled:
+            log.info("handled", message_id=root_id, device_id=device_id)
         return results
 
     async def register(self, args: dict[str, Any], peer: Peer) -> Any:

@@ -270,6 +270,22 @@ async def test_registry_condition_counts_as_handled(tmp_path: Path, clock: trio.
         assert await w.repushes(root) == {}
 
 
+async def test_a_registry_condition_already_met_at_delivery_is_handled_at_delivery(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1", app_version="2.5.0", consent=())
+        follow = {**FOLLOW, "handled": {"registry": {"field": "device.app_version", "semver_ge": "2.0.0"}}}
+        await trio.sleep(100)
+        root = await w.push(follow)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(700)
+        f = await w.followup(root, "d1")
+        assert f["state"] == "handled" and f["handled_at"] == f["delivered_at"]  # not 100 s before it
+        assert (await followup_summary(w.queue, root) or {})["time_to_handle"]["p50"] == 0
+
+
 async def test_consent_withdrawal_stops_repushes_and_deletes_events(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     async with world(tmp_path) as w:
         await w.start_analyzer()

@@ -191,3 +191,21 @@ async def test_a_report_settles_its_follow_ups_before_it_is_answered(short_tmp: 
                 )
         rows = await daemon.pipeline.store.fetchall("SELECT state FROM followups")
         assert [r[0] for r in rows] == ["handled"] * len(users)
+
+
+async def test_a_registration_settles_its_registry_condition_follow_ups_before_it_is_answered(short_tmp: Path) -> None:
+    # Likewise for a registry condition: the registration that meets it ends the follow-up
+    # in its own transaction, whatever happens to the analyzer's hint.
+    async with running(short_tmp, extra="[channels]\nanalyzer = 1\n") as daemon:
+        regs = [device(f"d{i}", f"u{i}", app_version="1.0.0") for i in range(12)]
+        for reg in regs:
+            await call(short_tmp, "register", **reg)
+        follow = {"handled": {"registry": {"field": "device.app_version", "semver_ge": "2.0.0"}}, "deadline": 3600}
+        accepted = await call(short_tmp, "push", notification=alert("update"), target={"devices": [r["device_id"] for r in regs]}, follow_up=follow)
+        await settled(short_tmp, accepted["message_id"])
+        await wait_followup(short_tmp, accepted["message_id"], "delivered", len(regs))
+        async with trio.open_nursery() as nursery:
+            for reg in regs:
+                nursery.start_soon(lambda reg=reg: call(short_tmp, "register", **{**reg, "app_version": "2.1.0"}))
+        rows = await daemon.pipeline.store.fetchall("SELECT state, handled_at >= delivered_at FROM followups")
+        assert [tuple(r) for r in rows] == [("handled", 1)] * len(regs)
