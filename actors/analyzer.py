@@ -56,6 +56,7 @@ log = structlog.get_logger("actors.analyzer")
 AnalyzerInput = Delivered | AppEvent | RegistryChanged
 FIRE_BATCH = 200
 RECONCILE_INTERVAL = 300.0  # seconds between sweeps for follow-ups stuck in 'waiting'
+MIN_REPUSH_LIFE = 60.0  # seconds: the shortest time in the queue a re-push is given
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,10 @@ class AnalyzerActor:
             if count >= spec.max_repushes:
                 await self._stop(root_id, device_id, "max_repushes", state="gave_up")
                 continue
+            until = root.meta.get("until")
+            if until is not None and until <= now + MIN_REPUSH_LIFE:
+                await self._stop(root_id, device_id, "expired")  # the client's own deadline
+                continue
             if not record.active:
                 await self._stop(root_id, device_id, "token_dead")
                 continue
@@ -375,7 +380,10 @@ class AnalyzerActor:
         child_id = f"{root.message_id}.r{n}"
         notification = dict(spec.reminder) if spec.reminder is not None else dict(root.notification)
         notification.setdefault("collapse_id", root.collapse_id or root.message_id)
-        expiration = now + max(60.0, (root.expiration or now + live.default_ttl) - root.created_at)
+        # as long as the original had (a ttl is relative), never past the client's deadline
+        expiration = now + max(MIN_REPUSH_LIFE, (root.expiration or now + live.default_ttl) - root.created_at)
+        if root.meta.get("until") is not None:
+            expiration = min(expiration, root.meta["until"])
         notification["expiration"] = int(expiration)
         child = MessageRow(
             message_id=child_id,

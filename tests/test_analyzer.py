@@ -80,7 +80,9 @@ class World:
             now_ms=int(now() * 1000),
         )
 
-    async def push(self, follow_up: dict[str, Any], target: dict[str, Any] | None = None) -> str:
+    async def push(
+        self, follow_up: dict[str, Any], target: dict[str, Any] | None = None, *, until: float | None = None
+    ) -> str:
         message_id = f"m{int(trio.current_time() * 1000)}"
         await self.queue.create_message(
             MessageRow(
@@ -88,7 +90,7 @@ class World:
                 notification={"aps": {"alert": "pay"}, "topic": TOPIC, "collapse_id": message_id},
                 priority=10, push_type="alert", created_at=now(), audience=1,
                 target=target or {"all": True}, expiration=now() + 86400, collapse_id=message_id,
-                meta={"follow_up": follow_up, "category": None},
+                meta={"follow_up": follow_up, "category": None, **({"until": until} if until else {})},
             )
         )
         return message_id
@@ -413,3 +415,23 @@ async def test_a_repush_that_fails_half_way_leaves_nothing_behind(tmp_path: Path
         await actor.fire_due(now())
         assert list(await w.repushes(root)) == [f"{root}.r1"]
         assert (await w.followup(root, "d1"))["state"] == "waiting"
+
+
+async def test_no_repush_outlives_the_deadline_the_client_set(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # The push carried an absolute expiration (700 s from now): the first re-push expires
+    # with it, and the second, due after it, is not made; the follow-up stops as expired.
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1")
+        until = now() + 700
+        root = await w.push(FOLLOW, until=until)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        assert list(await w.repushes(root)) == [f"{root}.r1"]
+        row = await w.store.fetchone("SELECT expiration FROM messages WHERE message_id = ?", (f"{root}.r1",))
+        assert row is not None and row[0] == until
+        await w.deliver(f"{root}.r1", "d1", "u1")
+        await trio.sleep(400)  # the next check falls after the deadline
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["reason"]) == ("stopped", "expired")
+        assert list(await w.repushes(root)) == [f"{root}.r1"]

@@ -4,8 +4,10 @@ consent are refused and stored nowhere; a follow-up's bad fields are named."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 
@@ -209,3 +211,25 @@ async def test_a_registration_settles_its_registry_condition_follow_ups_before_i
                 nursery.start_soon(lambda reg=reg: call(short_tmp, "register", **{**reg, "app_version": "2.1.0"}))
         rows = await daemon.pipeline.store.fetchall("SELECT state, handled_at >= delivered_at FROM followups")
         assert [tuple(r) for r in rows] == [("handled", 1)] * len(regs)
+
+
+async def test_an_absolute_expiration_bounds_the_re_pushes_a_ttl_does_not(short_tmp: Path) -> None:
+    async with running(short_tmp) as daemon:
+        await call(short_tmp, "register", **device("d1", "u1"))
+        at = int(time.time()) + 600
+        by_expiration = await call(
+            short_tmp, "push", notification=alert(), target={"devices": ["d1"]}, follow_up=FOLLOW, expiration=at
+        )
+        by_own = await call(
+            short_tmp, "push", notification=alert(expiration=at), target={"devices": ["d1"]}, follow_up=FOLLOW
+        )
+        by_ttl = await call(short_tmp, "push", notification=alert(), target={"devices": ["d1"]}, follow_up=FOLLOW, ttl=600)
+        until = {}
+        for accepted in (by_expiration, by_own, by_ttl):
+            row = await daemon.pipeline.store.fetchone(
+                "SELECT meta FROM messages WHERE message_id = ?", (accepted["message_id"],)
+            )
+            assert row is not None
+            until[accepted["message_id"]] = msgpack.unpackb(row[0], raw=False).get("until")
+        assert until[by_expiration["message_id"]] == until[by_own["message_id"]] == at
+        assert until[by_ttl["message_id"]] is None
