@@ -30,6 +30,7 @@ waiting for its delivery), ``handled``, ``gave_up``, ``stopped`` (with a reason)
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import time
 from collections import OrderedDict
@@ -56,6 +57,7 @@ log = structlog.get_logger("actors.analyzer")
 AnalyzerInput = Delivered | AppEvent | RegistryChanged
 FIRE_BATCH = 200
 RECONCILE_INTERVAL = 300.0  # seconds between sweeps for follow-ups stuck in 'waiting'
+RECONCILE_BATCH = 1000  # follow-up rows per reconcile transaction
 MIN_REPUSH_LIFE = 60.0  # seconds: the shortest time in the queue a re-push is given
 
 
@@ -179,20 +181,35 @@ class AnalyzerActor:
                WHERE f.state = 'waiting' AND i.state NOT IN ('queued', 'leased')"""
         )
         changed = 0
-        for root_id, device_id, state, reason, updated_at, meta in rows:
-            if meta is None:
-                await self._stop(root_id, device_id, "message_gone")
-                changed += 1
-            elif state == "sent":
-                spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
-                changed += await self.store.execute(
-                    """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
-                           updated_at = ? WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
-                    (updated_at, updated_at + spec.spacing, now, root_id, device_id),
-                )
-            else:
-                await self._stop(root_id, device_id, f"repush_{state}:{reason}")
-                changed += 1
+        specs: dict[bytes, FollowUp] = {}
+
+        def write(conn: sqlite3.Connection, chunk: list[Any]) -> int:
+            n = 0
+            for root_id, device_id, state, reason, updated_at, meta in chunk:
+                if meta is None:
+                    n += end_followup_in(
+                        conn, root_id, device_id, "state = 'stopped', reason = ?", ("message_gone",), "message_gone", now
+                    )
+                elif state == "sent":
+                    spec = specs.get(meta)
+                    if spec is None:
+                        spec = specs[meta] = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+                    n += conn.execute(
+                        """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
+                               updated_at = ? WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
+                        (updated_at, updated_at + spec.spacing, now, root_id, device_id),
+                    ).rowcount
+                else:
+                    why = f"repush_{state}:{reason}"
+                    n += end_followup_in(conn, root_id, device_id, "state = 'stopped', reason = ?", (why,), why, now)
+            return n
+
+        # In transactions of RECONCILE_BATCH rows, beating the heartbeat between them: a
+        # broadcast's re-push that expired in the queue leaves as many rows as devices.
+        for i in range(0, len(rows), RECONCILE_BATCH):
+            self.ctx.heartbeat.beat()
+            chunk = rows[i : i + RECONCILE_BATCH]
+            changed += await self.store.transaction(functools.partial(write, chunk=chunk))
         if changed:
             log.info("follow-ups reconciled", changed=changed)
         return changed

@@ -435,3 +435,44 @@ async def test_no_repush_outlives_the_deadline_the_client_set(tmp_path: Path, cl
         f = await w.followup(root, "d1")
         assert (f["state"], f["reason"]) == ("stopped", "expired")
         assert list(await w.repushes(root)) == [f"{root}.r1"]
+
+
+async def test_reconcile_closes_a_broadcast_sized_backlog_in_batches(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # 2,500 follow-ups waiting on a re-push that reached a final state without a record
+    # (expired in the queue, or delivered and the record lost): all are closed or resumed,
+    # across several transactions.
+    from actors.analyzer import RECONCILE_BATCH
+
+    n = 2 * RECONCILE_BATCH + 500
+    async with world(tmp_path) as w:
+        root = await w.push(FOLLOW)
+        await w.store.execute(
+            "INSERT INTO messages (message_id, payload, priority, push_type, created_at, target, meta, audience, state) "
+            "SELECT message_id || '.r1', payload, priority, push_type, created_at, target, meta, audience, 'done' "
+            "FROM messages WHERE message_id = ?",
+            (root,),
+        )
+
+        def fill(conn: Any) -> None:
+            conn.executemany(
+                "INSERT INTO followups (root_id, device_id, user_id, class_id, state, delivered_at, "
+                "last_delivered_at, due_at, updated_at, repushes) VALUES (?, ?, ?, 'everyone', 'waiting', 0, 0, NULL, 0, 1)",
+                [(root, f"d{i}", f"u{i}") for i in range(n)],
+            )
+            conn.executemany(
+                "INSERT INTO items (message_id, device_id, shard, idcode, priority, rank, enqueued_at, not_before, "
+                "deferred, state, outcome, reason, updated_at) VALUES (?, ?, 0, x'00', 10, 0, 0, 0, 0, ?, ?, ?, 5)",
+                [(root + ".r1", f"d{i}", *(("sent", "delivered", None) if i % 2 else ("expired", "expired", "Expired")))
+                 for i in range(n)],
+            )
+
+        await w.store.transaction(fill)
+        ctx = ActorContext("analyzer", Heartbeat(100_000.0))
+        actor = AnalyzerActor(ctx, inbox=w.recv.clone(), queue=w.queue, registry=w.registry, live=w.live, clock=now)
+        assert await actor.reconcile(now()) == n
+        rows = await w.store.fetchall("SELECT state, reason, count(*), min(due_at) FROM followups GROUP BY 1, 2")
+        assert sorted(tuple(r) for r in rows) == [
+            ("pending", None, n // 2, 5 + FOLLOW["spacing"]),
+            ("stopped", "repush_expired:Expired", n - n // 2, None),
+        ]
+        assert await actor.reconcile(now()) == 0
