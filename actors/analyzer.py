@@ -366,10 +366,12 @@ class AnalyzerActor:
         if spec.strategy == "resend":
             if not record.permissions.permits(root.push_type, category):
                 return "permission_withdrawn"
-            # The node re-checks the class too; stopping here keeps the follow-up honest.
-            rule = live.classifier.rule(sent_class) if sent_class and sent_class != "unclassified" else None
-            if sent_class and sent_class != "unclassified" and (rule is None or not rule.matches(record.fields())):
-                return "class_changed"
+            # The node re-checks the class of a push to classes too; stopping here keeps the
+            # follow-up honest.
+            if root.target.get("classes") and sent_class and sent_class != "unclassified":
+                rule = live.classifier.rule(sent_class)
+                if rule is None or not rule.matches(record.fields()):
+                    return "class_changed"
             return None
         target = Target.parse(root.target, set(root.target.get("classes", [])))
         if target.devices is not None and record.device_id not in target.devices:

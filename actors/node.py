@@ -7,8 +7,9 @@ For every leased (message, device):
    and this device, and the user id in it is the device's user **now** — a device that
    moved to another user never gets the previous user's message;
 2. **re-check** against the latest registry data: the token is not retired, the device
-   still satisfies its class's rule (a "please update" notice is not sent to a device
-   that has updated since) and the user still permits this push type and category;
+   still satisfies its class's rule if the message went to classes (a "please update"
+   notice is not sent to a device that has updated since) and the user still permits
+   this push type and category;
 3. **send** the survivors in one batch through the sender (one apns-id per attempt);
 4. **record**: delivered → sent; token dead → failed and the token retired in the
    registry; retryable or credentials trouble → back in the queue with backoff until
@@ -41,7 +42,7 @@ from actors.base import ActorContext, StopAwareWaits
 from actors.idcode import InvalidCode
 from actors.live import Live, LiveRef
 from actors.messages import Delivered, Handoff
-from actors.queuestore import ItemResult, LeasedItem, QueueStore
+from actors.queuestore import ItemResult, LeasedItem, MessageRow, QueueStore
 from actors.registry import DeviceRecord, Registry
 from actors.urgency import Urgency
 from apns.outcome import Outcome, OutcomeClass
@@ -80,6 +81,13 @@ def class_of(item: LeasedItem, live: Live) -> str:
         return ""
 
 
+def targets_classes(message: MessageRow) -> bool:
+    """Whether the message went to classes (a re-push: its original did), the only case in
+    which a device that left its class may not have it: a push to users or devices is
+    theirs whatever class their device moved to since."""
+    return bool(message.target.get("classes") or message.meta.get("target_classes"))
+
+
 def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal | None:
     """Steps 1 and 2 above. None: may be sent."""
     try:
@@ -97,7 +105,7 @@ def verify(item: LeasedItem, record: DeviceRecord | None, live: Live) -> Refusal
     message = item.message
     if record.topic != message.notification.get("topic"):
         return Refusal("skipped", "topic_changed")
-    if code.class_id and code.class_id != "unclassified":
+    if code.class_id and code.class_id != "unclassified" and targets_classes(message):
         rule = live.classifier.rule(code.class_id)
         if rule is None:
             return Refusal("skipped", "class_removed")

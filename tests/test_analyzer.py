@@ -476,3 +476,19 @@ async def test_reconcile_closes_a_broadcast_sized_backlog_in_batches(tmp_path: P
             ("stopped", "repush_expired:Expired", n - n // 2, None),
         ]
         assert await actor.reconcile(now()) == 0
+
+
+async def test_resend_of_a_push_to_users_goes_on_when_the_device_changes_class(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    # The class sealed for a push to users is incidental (the device's first matching
+    # class): updating the app does not stop the order reminder.
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        await w.register("d1", "u1", app_version="1.0.0")
+        root = await w.push(FOLLOW, target={"users": ["u1"]})
+        await w.deliver(root, "d1", "u1", class_id="needs-update")
+        await w.register("d1", "u1", app_version="2.5.0")
+        await trio.sleep(700)
+        assert (await w.followup(root, "d1"))["state"] == "waiting"
+        assert list(await w.repushes(root)) == [f"{root}.r1"]

@@ -133,7 +133,8 @@ async def test_dead_token_is_retired_and_not_used_again(short_tmp: Path) -> None
 
 
 async def enqueue_direct(
-    daemon, device_id: str, *, user_id: str, class_id: str, delay: float = 0.5, tamper=None, priority: int = 10
+    daemon, device_id: str, *, user_id: str, class_id: str, delay: float = 0.5, tamper=None, priority: int = 10,
+    target: dict | None = None,
 ) -> str:
     """A pre-push message written straight into the queue (as central would), due after
     ``delay`` seconds so the test can change the world before a node sees it."""
@@ -154,7 +155,7 @@ async def enqueue_direct(
             push_type="alert",
             created_at=now,
             audience=1,
-            target={"devices": [device_id]},
+            target=target or {"devices": [device_id]},
             expiration=now + 600,
             collapse_id=message_id,
         )
@@ -201,11 +202,15 @@ async def test_forged_or_altered_codes_and_moved_devices_are_never_sent(short_tm
 async def test_device_updated_since_classification_is_not_sent_the_update_notice(short_tmp: Path) -> None:
     async with running(short_tmp) as daemon:
         tok = await register_all(short_tmp, [device("old", "u1", app_version="1.2.0")])
-        mid = await enqueue_direct(daemon, "old", user_id="u1", class_id="needs-update", delay=1.0)
+        to_class = {"classes": ["needs-update"]}
+        mid = await enqueue_direct(daemon, "old", user_id="u1", class_id="needs-update", delay=1.0, target=to_class)
+        # the same device's class, sealed in a push to the device itself: incidental
+        own = await enqueue_direct(daemon, "old", user_id="u1", class_id="needs-update", delay=1.0)
         await call(short_tmp, "register", **device("old", "u1", token=tok["old"], app_version="2.0.0"))
         state = await settled(short_tmp, mid)
         assert state["reasons"] == {"class_changed": 1}
         assert reached(daemon, mid) == {}
+        assert (await settled(short_tmp, own))["states"]["sent"] == 1
 
 
 async def test_a_single_device_push_overtakes_a_running_broadcast(short_tmp: Path) -> None:
