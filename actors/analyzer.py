@@ -609,13 +609,18 @@ async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any]
             (message_id,),
         )
     ]
+    sent_repushes = await queue.store.fetchone(
+        "SELECT count(*) FROM items WHERE message_id > ? AND message_id < ? AND state = 'sent'",
+        (message_id + ".r", message_id + ".s"),  # the children <root>.r<n>
+    )
     return {
         "delivered": sum(states.values()),
         "handled": states.get("handled", 0),
         "pending": states.get("pending", 0) + states.get("waiting", 0),
         "gave_up": states.get("gave_up", 0),
         "stopped": states.get("stopped", 0),
-        "repushed": sum(r or 0 for _, _, r in rows),
+        # re-pushes sent: one withdrawn (the user acted first), skipped or expired is not
+        "repushed": sent_repushes[0] if sent_repushes else 0,
         "time_to_handle": {
             "p50": times[len(times) // 2] if times else None,
             "max": times[-1] if times else None,
@@ -624,6 +629,8 @@ async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any]
 
 
 async def followup_totals(queue: QueueStore) -> dict[str, Any]:
+    """All follow-ups by state; ``repushed``: re-pushes made (sent or not: counting the sent
+    ones would scan every item)."""
     rows = await queue.store.fetchall("SELECT state, count(*), sum(repushes) FROM followups GROUP BY state")
     out: dict[str, Any] = {state: n for state, n, _ in rows}
     out["repushed"] = sum(r or 0 for _, _, r in rows)

@@ -225,6 +225,8 @@ async def test_a_repush_still_queued_when_the_user_acts_is_not_sent(tmp_path: Pa
         message = await w.queue.get_message(f"{root}.r1")
         state = await w.store.fetchone("SELECT state FROM messages WHERE message_id = ?", (f"{root}.r1",))
         assert message is not None and state[0] == "done"
+        summary = await followup_summary(w.queue, root)
+        assert summary is not None and (summary["handled"], summary["repushed"]) == (1, 0)  # none was sent
 
 
 async def test_a_repush_still_queued_when_consent_is_withdrawn_is_not_sent(tmp_path: Path, clock: trio.testing.MockClock) -> None:
