@@ -32,10 +32,11 @@ from pushd.protocol import (
     OpError,
     ProtocolError,
     Request,
+    decode_payload,
     encode_frame,
     error_reply,
     ok_reply,
-    read_frame,
+    read_payload,
     reject_unknown_args,
     request_id_of,
 )
@@ -47,6 +48,12 @@ _PEERCRED = struct.Struct("3i")
 _REFUSAL_SEND_TIMEOUT = 1.0
 # How long we wait for an existing socket to answer when deciding whether it is stale.
 _LIVENESS_TIMEOUT = 1.0
+# Decoded msgpack takes up to ~80x its size in Python objects (a 1 MiB array of empty
+# maps: 72 MiB). Frames above LARGE_FRAME (a register_many, a push to thousands of listed
+# devices) are decoded and handled LARGE_FRAMES_AT_ONCE at a time, so that the connection
+# limit times the frame limit (64 MiB by default) cannot turn into gigabytes.
+LARGE_FRAME = 16 << 10
+LARGE_FRAMES_AT_ONCE = 2
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # SO_PEERGROUPS (Linux >= 4.13) is missing from Python's socket module; its value is 59 on
 # the architectures that use the generic socket option numbers.
@@ -152,6 +159,7 @@ class ControlServer:
         self._own_gids = frozenset({socket_gid}) if allow_own_uid and group_rw else frozenset()
         self.allow_peers(allowed_uids, allowed_gids)
         self.max_frame = max_frame
+        self._large_frames = trio.CapacityLimiter(LARGE_FRAMES_AT_ONCE)
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.active_connections = 0
@@ -294,21 +302,26 @@ class ControlServer:
     async def _serve(self, stream: trio.SocketStream, peer: Peer, logger: Any) -> None:
         buffer = bytearray()
         while True:
-            with trio.move_on_after(self.idle_timeout) as idle:
-                try:
-                    obj = await read_frame(stream, max_size=self.max_frame, buffer=buffer)
-                except ProtocolError as exc:
-                    # The byte stream cannot be resynchronised: say why, then hang up.
-                    logger.warning("bad control frame; closing connection", code=str(exc.code),
-                                   error=exc.message)
-                    await self._send(stream, error_reply(None, OpError(exc.code, exc.message)))
+            try:
+                with trio.move_on_after(self.idle_timeout) as idle:
+                    payload = await read_payload(stream, max_size=self.max_frame, buffer=buffer)
+                if idle.cancelled_caught:
+                    logger.info("closing idle control connection", idle_timeout=self.idle_timeout)
                     return
-            if idle.cancelled_caught:
-                logger.info("closing idle control connection", idle_timeout=self.idle_timeout)
+                if payload is None:
+                    return
+                if len(payload) > LARGE_FRAME:
+                    async with self._large_frames:
+                        reply = await self._dispatch(decode_payload(payload), peer, logger)
+                else:
+                    reply = await self._dispatch(decode_payload(payload), peer, logger)
+            except ProtocolError as exc:
+                # The byte stream cannot be resynchronised: say why, then hang up.
+                logger.warning("bad control frame; closing connection", code=str(exc.code),
+                               error=exc.message)
+                await self._send(stream, error_reply(None, OpError(exc.code, exc.message)))
                 return
-            if obj is None:
-                return
-            if not await self._send(stream, await self._dispatch(obj, peer, logger)):
+            if not await self._send(stream, reply):
                 logger.info("closing control connection: peer does not read its replies")
                 return
 

@@ -265,10 +265,18 @@ async def read_frame(
     call for one stream. Returns None on a clean EOF between frames; raises ProtocolError on a
     truncated, oversized or malformed frame.
     """
+    payload = await read_payload(stream, max_size=max_size, buffer=buffer)
+    return None if payload is None else decode_payload(payload)
+
+
+async def read_payload(
+    stream: trio.abc.ReceiveStream, *, max_size: int, buffer: bytearray
+) -> bytes | None:
+    """:func:`read_frame` without the decoding: the next frame's payload bytes."""
     while True:
         payload = take_frame(buffer, max_size=max_size)
         if payload is not None:
-            return decode_payload(payload)
+            return payload
         chunk = await stream.receive_some()
         if not chunk:
             if not buffer:

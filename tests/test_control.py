@@ -558,3 +558,37 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert default_socket_path() == Path("/run/pushd-a/control.sock")
     monkeypatch.setenv("PUSHD_SOCKET", "/tmp/x.sock")
     assert default_socket_path() == Path("/tmp/x.sock")
+
+
+async def test_large_frames_are_handled_a_few_at_a_time_small_ones_at_once(
+    nursery: trio.Nursery, sock_path: Path
+) -> None:
+    # Decoded msgpack is many times its size in memory: large requests (a register_many)
+    # are decoded and handled LARGE_FRAMES_AT_ONCE at a time; small ones are not held up.
+    from pushd.control import LARGE_FRAME, LARGE_FRAMES_AT_ONCE
+
+    inside = {"now": 0, "most": 0}
+    release = trio.Event()
+
+    async def held(args: dict[str, Any], peer: Peer) -> Any:
+        inside["now"] += 1
+        inside["most"] = max(inside["most"], inside["now"])
+        await release.wait()
+        inside["now"] -= 1
+        return len(args.get("blob", ""))
+
+    server = ControlServer(sock_path, {**HANDLERS, "held": held})
+    await nursery.start(server.run)
+    conns = [await Conn.open(sock_path) for _ in range(6)]
+    blob = "x" * (LARGE_FRAME + 1)
+    for c in conns[:4]:
+        await c.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {"blob": blob}}))
+    for c in conns[4:]:
+        await c.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {}}))
+    await wait_until(lambda: inside["now"] == LARGE_FRAMES_AT_ONCE + 2)
+    await trio.sleep(0.1)
+    assert inside["now"] == LARGE_FRAMES_AT_ONCE + 2  # two large, both small
+    release.set()
+    replies = [await c.receive() for c in conns]
+    assert [r["result"] for r in replies] == [len(blob)] * 4 + [0, 0]
+    assert inside["most"] == LARGE_FRAMES_AT_ONCE + 2
