@@ -113,7 +113,12 @@ def _never(record: Record) -> bool:
     return False
 
 
-def _compile(spec: Any, path: str) -> Predicate:
+MAX_DEPTH = 32  # nested all/any/not: deeper is refused (evaluation recurses per level)
+
+
+def _compile(spec: Any, path: str, depth: int = 0) -> Predicate:
+    if depth > MAX_DEPTH:
+        raise RuleError(path, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(spec, str):
         if spec == "always":
             return _always
@@ -134,7 +139,7 @@ def _compile(spec: Any, path: str) -> Predicate:
         raise RuleError(path, f"a combinator table has exactly one of all/any/not; found {found}")
     (key,) = spec
     if key == "not":
-        inner = _compile(spec["not"], f"{path}.not")
+        inner = _compile(spec["not"], f"{path}.not", depth + 1)
         return lambda record: not inner(record)
     children = spec[key]
     if not isinstance(children, list):
@@ -142,7 +147,7 @@ def _compile(spec: Any, path: str) -> Predicate:
     if not children:
         hint = '"always"' if key == "all" else '"never"'
         raise RuleError(f"{path}.{key}", f"empty list; write {hint} if that is what you mean")
-    preds = tuple(_compile(child, f"{path}.{key}[{i}]") for i, child in enumerate(children))
+    preds = tuple(_compile(child, f"{path}.{key}[{i}]", depth + 1) for i, child in enumerate(children))
     if len(preds) == 1:
         return preds[0]
     return _all_of(preds) if key == "all" else _any_of(preds)

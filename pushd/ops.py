@@ -316,8 +316,8 @@ class Ops:
         message_id = get_arg(args, "message_id", str)
         page = get_arg(args, "page", int, 0)
         page_size = get_arg(args, "page_size", int, 100)
-        if page < 0:
-            raise _invalid("page", "must be >= 0")
+        if not 0 <= page <= 1_000_000_000:
+            raise _invalid("page", "must be within 0..1000000000")
         if not 1 <= page_size <= 10_000:
             raise _invalid("page_size", "must be within 1..10000")
         try:

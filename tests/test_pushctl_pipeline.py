@@ -180,6 +180,10 @@ async def test_message_pages_through_per_device_outcomes(
             seen += [d["device_id"] for d in state["devices"]]
             assert all(d["state"] == "sent" for d in state["devices"])
         assert seen == ids
+        for page in (-1, 2**62):  # refused with the argument named (2**62 was an internal error)
+            with pytest.raises(RequestFailed) as info:
+                await call(short_tmp, "message", message_id=mid, page=page)
+            assert (info.value.code, info.value.field) == ("invalid_argument", "page")
 
         monkeypatch.setattr(pushctl, "_stdout_is_terminal", lambda: True)
         assert await pushctl_main("--socket", sock(short_tmp), "message", mid, "--page-size", "2") == 0

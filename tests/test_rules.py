@@ -454,3 +454,15 @@ def test_toml_attribute_filter_form() -> None:
     assert rule.matches({"user.attributes.plan": "team", "permissions.alert": True})
     assert rule.matches({"user.attributes.plan": "free", "permissions.alert": False})
     assert not rule.matches({"user.attributes.plan": "free", "permissions.alert": True})
+
+
+def test_a_rule_nested_too_deep_is_refused_with_its_path_not_a_recursion_error() -> None:
+    ok: Any = {"field": "device.locale", "eq": "de_DE"}
+    for _ in range(32):
+        ok = {"not": ok}
+    assert compile_rule(ok).matches({"device.locale": "de_DE"}) is True  # 32 nots: even
+    deep: Any = {"field": "device.locale", "eq": "de_DE"}
+    for _ in range(2000):
+        deep = {"any": [deep]}
+    with pytest.raises(RuleError, match="nested more than 32 levels deep"):
+        compile_rule(deep, "target.filter")
