@@ -58,6 +58,10 @@ class RestartPolicy:
     heartbeat_interval: float = 2.0
 
 
+# seconds a (re)starting actor may go without a heartbeat before it counts as wedged
+START_GRACE = 120.0
+
+
 class ActorEscalation(Exception):
     """An actor crashed too often; the daemon must exit non-zero."""
 
@@ -86,7 +90,8 @@ class ActorHandle:
         self.stopping.set()
 
     def heartbeat_age(self) -> float | None:
-        if self.heartbeat is None or self.state is not ActorState.RUNNING:
+        """Seconds since the actor last proved progress, while it runs or starts."""
+        if self.heartbeat is None or self.state not in (ActorState.RUNNING, ActorState.STARTING):
             return None
         return self.heartbeat.age()
 
@@ -121,11 +126,13 @@ class Supervisor:
         return base * self._rng.uniform(0.5, 1.0)
 
     def stale(self, timeout: float) -> list[str]:
-        """Running actors whose heartbeat is older than ``timeout`` (wedged)."""
+        """Actors whose heartbeat is older than ``timeout`` (wedged); one still starting
+        (a restart after a crash: a first sweep, a reconcile) gets at least START_GRACE."""
         return [
             h.name
             for h in self.actors.values()
-            if (age := h.heartbeat_age()) is not None and age > timeout
+            if (age := h.heartbeat_age()) is not None
+            and age > (max(timeout, START_GRACE) if h.state is ActorState.STARTING else timeout)
         ]
 
     def describe(self) -> list[dict[str, Any]]:
@@ -151,6 +158,7 @@ class Supervisor:
         try:
             while True:
                 ctx = ActorContext(name, Heartbeat(self.policy.heartbeat_interval), handle.stopping)
+                ctx.heartbeat.beat()  # starting: a start that hangs is wedged too (stale)
                 handle.heartbeat = ctx.heartbeat
                 handle.state = ActorState.STARTING
                 try:

@@ -225,3 +225,32 @@ async def test_a_message_received_as_the_wait_runs_out_is_not_dropped(mock_clock
         assert got[1:] == [(False, None)]
         assert await waits.receive(recv, 1.0) == (False, None)
         assert trio.current_time() == 2.0 and send.statistics().current_buffer_used == 0
+
+
+async def test_an_actor_that_hangs_while_restarting_counts_as_wedged(autojump_clock: trio.testing.MockClock) -> None:
+    from pushd.supervisor import START_GRACE
+
+    sup = Supervisor(POLICY)
+    starts = 0
+
+    def factory(ctx: ActorContext) -> Any:
+        class Actor:
+            async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                nonlocal starts
+                starts += 1
+                if starts == 1:
+                    task_status.started()
+                    await trio.sleep(1)
+                    raise RuntimeError("crash")
+                await trio.sleep_forever()  # the restart never finishes starting
+
+        return Actor()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.supervise, "queue", factory)
+        await trio.sleep(10)  # crashed, backed off, restarting
+        assert sup.actors["queue"].state is ActorState.STARTING
+        assert sup.stale(5.0) == []  # a start may take a while
+        await trio.sleep(START_GRACE)
+        assert sup.stale(5.0) == ["queue"]
+        nursery.cancel_scope.cancel()
