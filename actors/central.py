@@ -57,6 +57,10 @@ class Failed(RuntimeError):
     """A push that could not be accepted for a reason of pushd's own (not the input)."""
 
 
+class NotAccepted(RuntimeError):
+    """A push central did not take up (it is stopping): nothing was stored."""
+
+
 MAX_TTL = 30 * 86_400  # APNs stores a notification for at most 30 days
 
 
@@ -229,6 +233,16 @@ class CentralActor:
                         await self._handle(envelope)
                     else:
                         await self._handle_many(batch)
+            # Stopping: what is still in the inbox is not accepted, and its askers are told
+            # so now (not left waiting for the end of the drain, to see their connection
+            # closed and not know whether the push was stored). Senders that come later find
+            # the inbox closed.
+            while True:
+                try:
+                    envelope = self.inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                await envelope.answer(NotAccepted("pushd is shutting down"))
             nursery.cancel_scope.cancel()
 
     # -- acceptance -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from actors.analyzer import (
     handle_event_in,
     handle_registration_in,
 )
-from actors.central import Failed, Rejected
+from actors.central import Failed, NotAccepted, Rejected
 from actors.messages import AppEvent, Envelope, PushAccepted, RegistryChanged, SubmitPush
 from actors.queuestore import URGENT_PRIORITY, UnknownMessage
 from actors.registry import Consent, InvalidField, Permissions, Registered, Registration, Registry
@@ -302,8 +302,10 @@ class Ops:
                         f"central did not answer within {PUSH_TIMEOUT:g}s (restarting or overloaded); "
                         "the push may not have been accepted",
                     ) from None
-                except trio.EndOfChannel:
+                except (trio.EndOfChannel, trio.BrokenResourceError):
                     raise OpError(ErrorCode.UNAVAILABLE, "central stopped; push not accepted") from None
+        if isinstance(answer, NotAccepted):
+            raise OpError(ErrorCode.UNAVAILABLE, f"{answer}; push not accepted")
         if isinstance(answer, Rejected):
             raise _invalid(answer.field, answer.message)
         if isinstance(answer, Failed):

@@ -3,8 +3,10 @@ simulator, whose request log is the ground truth."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -479,3 +481,48 @@ async def test_a_batch_in_flight_at_stop_is_finished_and_recorded(short_tmp: Pat
             "SELECT state, lease_owner FROM items WHERE message_id = ?", (pushed["message_id"],)
         )
     assert [tuple(r) for r in rows] == [("sent", None), ("sent", None)]
+
+
+async def test_pushes_waiting_for_central_at_shutdown_are_told_they_were_not_accepted(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A busy central (0.3 s per accept) with pushes waiting in its inbox when the drain
+    # begins: each client hears either accepted (and the push is stored) or "unavailable:
+    # not accepted" (and it is not); none is left to see its connection closed, not
+    # knowing whether to send again.
+    from actors.central import CentralActor
+
+    slow_store = CentralActor._store_small
+
+    async def busy(self: CentralActor, *args: object, **kwargs: object) -> object:
+        await trio.sleep(0.3)
+        return await slow_store(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    async def one_by_one(self: CentralActor, batch: list[Any]) -> None:
+        for envelope in batch:
+            await self._handle(envelope)
+
+    monkeypatch.setattr(CentralActor, "_store_small", busy)
+    monkeypatch.setattr(CentralActor, "_handle_many", one_by_one)
+    outcomes: list[str] = []
+    async with running(short_tmp, nodes=1) as daemon:
+        await call(short_tmp, "register", **device("d1", "u1"))
+
+        async def one(i: int) -> None:
+            try:
+                accepted = await call(short_tmp, "push", notification=alert(f"n{i}"), target={"devices": ["d1"]})
+                outcomes.append(accepted["message_id"])
+            except RequestFailed as e:
+                assert e.code == "unavailable", e
+                outcomes.append("not accepted")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):  # arriving while central is busy with the ones before
+                nursery.start_soon(one, i)
+                await trio.sleep(0.05)
+            daemon.request_stop()  # what SIGTERM does
+        database = daemon.pipeline.store.path
+    with sqlite3.connect(database) as db:
+        stored = {r[0] for r in db.execute("SELECT message_id FROM messages")}
+    assert len(outcomes) == 10 and "not accepted" in outcomes
+    assert {o for o in outcomes if o != "not accepted"} == stored
