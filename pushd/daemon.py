@@ -246,16 +246,22 @@ class Daemon:
                         "file": str(source),
                         "problems": [{"key": key, "message": text}],
                     }
+            policy = self.supervisor.policy
+            self.supervisor.policy = restart_policy(effective)  # for the nodes it may start
+            if self._pipeline is not None and self._nursery is not None and live is not None:
+                try:
+                    await self._pipeline.apply(effective, live, self._nursery, self.supervisor)
+                except ValueError as exc:  # a node it added could not start: all put back
+                    self.supervisor.policy = policy
+                    self.notifier.ready(self.status_line())
+                    return {"ok": False, "file": str(source), "problems": [{"key": "nodes.count", "message": str(exc)}]}
             self.config = effective
             logs.set_level(effective.daemon.log_level)
-            self.supervisor.policy = restart_policy(effective)
             if self._control is not None:
                 c = effective.control
                 self._control.allow_peers(c.allowed_uids, c.allowed_gids)
                 self._control.max_frame = c.max_frame
                 self._control.max_connections = c.max_connections
-            if self._pipeline is not None and self._nursery is not None and live is not None:
-                await self._pipeline.apply(effective, live, self._nursery, self.supervisor)
             self.reloads += 1
             settle_heap()  # the old configuration's objects are garbage now
             log.info("config reloaded", changed=applied, restart_required=restart)

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import trio
@@ -35,9 +35,7 @@ from actors.storage import Store, open_store
 from actors.urgency import Urgency
 from pushd.apnsconf import SimulatorActor, SimulatorSetup, sender_config_factory
 from pushd.config import Config
-
-if TYPE_CHECKING:
-    from pushd.supervisor import Supervisor
+from pushd.supervisor import ActorEscalation, Supervisor
 
 log = structlog.get_logger("pushd.pipeline")
 
@@ -229,18 +227,32 @@ class Pipeline:
         return live
 
     async def apply(self, config: Config, live: Live, nursery: trio.Nursery, supervisor: Supervisor) -> None:
-        old = self.config
-        self.config = config
-        self.apns_generation = live.apns_generation
-        self.queue.aging_seconds = config.queue.aging_seconds
-        self.queue.max_attempts = config.queue.max_attempts
+        """Put ``config`` (checked by :meth:`prepare`) in force. If a node it adds cannot
+        start (its supervisor gives up), the previous settings and node count are put
+        back, the nodes it started are stopped, and ValueError names the problem: the
+        work queued meanwhile for the new shards moves back at the next sweep."""
+        old, old_live = self.config, self.live.current
+        self._set(config, live.apns_generation)
         # Shrink: nodes first (so the sweep re-shards for the new count); grow: settings first.
         if config.nodes.count < old.nodes.count:
             await self._scale_nodes(nursery, supervisor, config.nodes.count)
         self.live.current = live
         if config.nodes.count > old.nodes.count:
-            await self._scale_nodes(nursery, supervisor, config.nodes.count)
+            try:
+                await self._scale_nodes(nursery, supervisor, config.nodes.count)
+            except ActorEscalation as exc:
+                self._set(old, old_live.apns_generation)
+                self.live.current = old_live
+                supervisor.actors.pop(exc.name, None)
+                await self._scale_nodes(nursery, supervisor, old.nodes.count)
+                raise ValueError(f"{exc.name} could not start, {old.nodes.count} kept: {exc}") from exc
         log.info("pipeline settings applied", nodes=config.nodes.count, apns_generation=self.apns_generation)
+
+    def _set(self, config: Config, apns_generation: int) -> None:
+        self.config = config
+        self.apns_generation = apns_generation
+        self.queue.aging_seconds = config.queue.aging_seconds
+        self.queue.max_attempts = config.queue.max_attempts
 
     # -- control ops and figures ------------------------------------------------------
 

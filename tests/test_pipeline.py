@@ -526,3 +526,57 @@ async def test_pushes_waiting_for_central_at_shutdown_are_told_they_were_not_acc
         stored = {r[0] for r in db.execute("SELECT message_id FROM messages")}
     assert len(outcomes) == 10 and "not accepted" in outcomes
     assert {o for o in outcomes if o != "not accepted"} == stored
+
+
+async def test_a_reload_whose_new_node_cannot_start_keeps_the_old_node_count(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nodes.count 1 -> 2, and node-1 fails at every start: the reload is refused with the
+    # reason, node-0 alone goes on with every shard (nothing stranded on a shard no node
+    # serves), and systemd hears READY=1 again.
+    from actors.node import NodeActor
+    from pushd.config import load_config
+    from pushd.daemon import Daemon
+    from pushd.sdnotify import Notifier
+    from tests.pipeline_helpers import BASE
+
+    start = NodeActor.run
+
+    async def run(self: NodeActor, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.index == 1:
+            raise RuntimeError("node-1 cannot start")
+        await start(self, task_status=task_status)
+
+    monkeypatch.setattr(NodeActor, "run", run)
+
+    class Recorded(Notifier):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.sent: list[str] = []
+
+        def send(self, **fields: Any) -> None:
+            self.sent.append(",".join(fields))
+
+    def config(nodes: int) -> Path:
+        path = short_tmp / "pushd.toml"
+        quick = "heartbeat_interval = 0.2\nbackoff_initial = 0.05\nbackoff_max = 0.1\nmax_crashes = 2"
+        path.write_text(BASE.format(nodes=nodes).replace("heartbeat_interval = 0.2", quick))
+        return path
+
+    notifier = Recorded()
+    daemon = Daemon(load_config(config(1)), notifier=notifier)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        config(2)
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "reload")
+        assert "node-1 could not start, 1 kept" in info.value.message
+        assert notifier.sent[-1].startswith("READY")
+        assert daemon.pipeline.live.current.node_count == 1 and daemon.pipeline.node_names == ["node-0"]
+        status = await call(short_tmp, "status")
+        assert [a["name"] for a in status["actors"] if a["name"].startswith("node")] == ["node-0"]
+        ids = [f"d{i}" for i in range(12)]
+        await call(short_tmp, "register_many", devices=[device(d, "u" + d) for d in ids])
+        accepted = await call(short_tmp, "push", notification=alert(), target={"devices": ids})
+        assert (await settled(short_tmp, accepted["message_id"]))["states"]["sent"] == 12
+        daemon.request_stop()
