@@ -163,6 +163,7 @@ class ControlServer:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.active_connections = 0
+        self._idle: dict[trio.CancelScope, float] = {}  # connections waiting for a request
         self.total_connections = 0
         self.requests_served = 0
 
@@ -263,13 +264,24 @@ class ControlServer:
                 continue
             self.total_connections += 1
             if self.active_connections >= self.max_connections:
-                log.warning("control connection refused: too many connections",
-                            limit=self.max_connections)
-                await self._refuse(stream, OpError(
-                    ErrorCode.UNAVAILABLE,
-                    f"too many control connections (limit {self.max_connections}); try again later",
-                ))
-                continue
+                if self._idle:
+                    # Make room: the connection idle the longest is closed (a client
+                    # reconnects on its next call), so idle or silent connections cannot
+                    # lock everyone else out until the idle timeout.
+                    oldest = min(self._idle, key=self._idle.__getitem__)
+                    del self._idle[oldest]
+                    oldest.cancel()
+                    log.info("control connection limit reached; closed the longest idle one",
+                             limit=self.max_connections)
+                else:
+                    log.warning("control connection refused: too many connections, none idle",
+                                limit=self.max_connections)
+                    await self._refuse(stream, OpError(
+                        ErrorCode.UNAVAILABLE,
+                        f"too many control connections (limit {self.max_connections}), all busy; "
+                        "try again later",
+                    ))
+                    continue
             self.active_connections += 1
             nursery.start_soon(self._connection_task, stream)
 
@@ -304,7 +316,11 @@ class ControlServer:
         while True:
             try:
                 with trio.move_on_after(self.idle_timeout) as idle:
-                    payload = await read_payload(stream, max_size=self.max_frame, buffer=buffer)
+                    self._idle[idle] = trio.current_time()  # waiting for a request
+                    try:
+                        payload = await read_payload(stream, max_size=self.max_frame, buffer=buffer)
+                    finally:
+                        self._idle.pop(idle, None)
                 if idle.cancelled_caught:
                     logger.info("closing idle control connection", idle_timeout=self.idle_timeout)
                     return

@@ -309,22 +309,37 @@ async def test_oversized_request_from_the_client_is_reported(server: ControlServ
 # -- limits --------------------------------------------------------------------------------
 
 
-async def test_extra_connections_are_refused_politely(nursery: trio.Nursery, sock_path: Path) -> None:
+async def test_extra_connections_are_refused_politely_when_none_is_idle(
+    nursery: trio.Nursery, sock_path: Path
+) -> None:
     server = ControlServer(sock_path, HANDLERS, max_connections=2)
     await nursery.start(server.run)
     first, second = await Conn.open(sock_path), await Conn.open(sock_path)
-    assert "result" in await first.request("ping")
-    assert "result" in await second.request("ping")
+    for conn in (first, second):  # both busy with a request
+        await conn.send(encode_frame({"v": 1, "id": 1, "op": "hang", "args": {}}))
+    await wait_until(lambda: not server._idle and server.active_connections == 2)
     third = await Conn.open(sock_path)
     reply = await third.receive()
     assert reply["error"]["code"] == "unavailable"
     assert "too many" in reply["error"]["message"]
     assert await third.receive() is None
-    assert "result" in await first.request("ping")
-    await first.aclose()
-    await wait_until(lambda: server.active_connections == 1)
-    assert server.stats() == {"connections_active": 1, "connections_total": 3, "requests": 3}
-    assert "result" in await (await Conn.open(sock_path)).request("ping")
+    assert server.stats() == {"connections_active": 2, "connections_total": 3, "requests": 2}
+
+
+async def test_at_the_limit_the_longest_idle_connection_makes_room(nursery: trio.Nursery, sock_path: Path) -> None:
+    # Connections that never send a byte (or pooled clients between calls) do not lock
+    # others out until the idle timeout: the one idle longest is closed.
+    server = ControlServer(sock_path, HANDLERS, max_connections=2)
+    await nursery.start(server.run)
+    silent = await Conn.open(sock_path)
+    await wait_until(lambda: len(server._idle) == 1)
+    await trio.sleep(0.05)
+    pooled = await Conn.open(sock_path)
+    assert "result" in await pooled.request("ping")
+    operator = await Conn.open(sock_path)
+    assert "result" in await operator.request("ping")
+    assert await silent.receive() is None  # closed to make room
+    assert "result" in await pooled.request("ping")
 
 
 async def test_idle_connection_is_closed(nursery: trio.Nursery, sock_path: Path, autojump_clock: Any) -> None:
