@@ -198,10 +198,11 @@ class Daemon:
         self.notifier.stopping(f"draining (up to {timeout:g}s)")
         # A reload already under way finishes first, so that the node actors it starts are
         # among those asked to stop (not cancelled at the end with work in hand).
-        with trio.move_on_after(timeout):
+        deadline = trio.current_time() + timeout  # for both steps together
+        with trio.move_on_at(deadline):
             async with self._reload_lock:
                 pass
-        await drain(self.supervisor, timeout)
+        await drain(self.supervisor, max(0.0, deadline - trio.current_time()))
 
     async def _watchdog(self) -> None:
         await watchdog_loop(

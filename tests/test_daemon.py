@@ -140,9 +140,11 @@ async def test_a_reload_under_way_at_stop_finishes_first_and_its_new_nodes_drain
     import pushd.daemon
 
     left_over: list[list[str]] = []
+    grace: list[float] = []
     drain = pushd.daemon.drain
 
     async def recording_drain(supervisor: Any, grace_period: float) -> list[str]:
+        grace.append(grace_period)
         left = await drain(supervisor, grace_period)
         left_over.append(left)
         return left
@@ -172,6 +174,9 @@ async def test_a_reload_under_way_at_stop_finishes_first_and_its_new_nodes_drain
         # asked to stop too and finished, instead of being cancelled at the end.
     assert "node-2" in daemon.supervisor.actors
     assert left_over == [[]]
+    # the wait for the reload comes out of shutdown_timeout: the whole stop stays within it
+    timeout = daemon.config.daemon.shutdown_timeout
+    assert len(grace) == 1 and 0 < grace[0] < timeout - 0.2
 
 
 async def test_second_daemon_is_refused(short_tmp: Path) -> None:
