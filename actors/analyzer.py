@@ -97,18 +97,20 @@ def record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: 
                        ON CONFLICT (root_id, device_id) DO NOTHING""",
                     (root_id, o.device_id, o.user_id, o.class_id, o.at, o.at, o.at + spec.deadline, now),
                 )
+        # (Only the follow-up's current re-push moves it: a late record of an earlier one,
+        # a duplicate after a restart, say, must not.)
         elif o.outcome == "delivered":
             conn.execute(
                 """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?, updated_at = ?
-                   WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
-                (o.at, o.at + spec.spacing, now, root_id, o.device_id),
+                   WHERE root_id = ? AND device_id = ? AND state = 'waiting' AND repushes = ?""",
+                (o.at, o.at + spec.spacing, now, root_id, o.device_id, meta.get("repush")),
             )
         else:
             # The re-push was not delivered: a dead token, a withdrawn permission...
             conn.execute(
                 """UPDATE followups SET state = 'stopped', reason = ?, due_at = NULL, updated_at = ?
-                   WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
-                (f"repush_{o.outcome}:{o.reason}", now, root_id, o.device_id),
+                   WHERE root_id = ? AND device_id = ? AND state = 'waiting' AND repushes = ?""",
+                (f"repush_{o.outcome}:{o.reason}", now, root_id, o.device_id, meta.get("repush")),
             )
 
 

@@ -494,3 +494,20 @@ async def test_resend_of_a_push_to_users_goes_on_when_the_device_changes_class(
         await trio.sleep(700)
         assert (await w.followup(root, "d1"))["state"] == "waiting"
         assert list(await w.repushes(root)) == [f"{root}.r1"]
+
+
+async def test_a_late_record_of_an_earlier_repush_does_not_move_the_follow_up(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        root = await w.first_repush()
+        await w.deliver(f"{root}.r1", "d1", "u1")
+        await trio.sleep(301)  # spacing: r2 is queued, the follow-up waits for it
+        assert list(await w.repushes(root)) == [f"{root}.r1", f"{root}.r2"]
+        await w.deliver(f"{root}.r1", "d1", "u1")  # r1's record again (a duplicate)
+        await w.deliver(f"{root}.r1", "d1", "u1", outcome="token_dead")
+        f = await w.followup(root, "d1")
+        assert (f["state"], f["repushes"]) == ("waiting", 2)
+        await w.deliver(f"{root}.r2", "d1", "u1")
+        assert (await w.followup(root, "d1"))["state"] == "pending"
