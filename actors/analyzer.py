@@ -30,6 +30,7 @@ waiting for its delivery), ``handled``, ``gave_up``, ``stopped`` (with a reason)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sqlite3
 import time
@@ -74,20 +75,44 @@ class Outcome:
     at: float
 
 
+INVALID = "invalid_follow_up"  # a stored spec this version no longer accepts (a stricter rule check)
+
+
+def spec_of(meta: dict[str, Any] | bytes, cache: dict[Any, FollowUp | None], key: Any) -> FollowUp | None:
+    """A root message's follow-up spec (``meta`` as stored, or its msgpack bytes), parsed
+    once per ``key`` in ``cache``; None if it no longer parses: the follow-up is then
+    stopped as :data:`INVALID` where it is met, instead of failing the registration, the
+    report or the actor that met it."""
+    if key in cache:
+        return cache[key]
+    try:
+        fields = msgpack.unpackb(meta, raw=False) if isinstance(meta, bytes) else meta
+        spec: FollowUp | None = FollowUp.parse(fields["follow_up"])
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("stored follow-up no longer valid", message_id=key, error=str(exc))
+        spec = None
+    cache[key] = spec
+    return spec
+
+
+def _stop_invalid(conn: sqlite3.Connection, root_id: str, device_id: str, now: float) -> bool:
+    return end_followup_in(conn, root_id, device_id, "state = 'stopped', reason = ?", (INVALID,), INVALID, now)
+
+
 def record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> None:
     """Create or advance the follow-ups of delivered messages, inside the caller's
     transaction. The node calls this *before* it acks the items: a crash in between
     leaves the items leased (sent again after restart) and this write idempotent, so a
     delivered notification with a follow-up never goes without its follow-up row."""
-    specs: dict[str, FollowUp] = {}  # parsed once per message, not once per device
+    specs: dict[Any, FollowUp | None] = {}  # parsed once per message, not once per device
     for o in outcomes:
         meta = o.message.meta
         if "follow_up" not in meta:
             continue
         root_id = meta.get("root_id", o.message.message_id)
-        spec = specs.get(o.message.message_id)
+        spec = spec_of(meta, specs, o.message.message_id)
         if spec is None:
-            spec = specs[o.message.message_id] = FollowUp.parse(meta["follow_up"])
+            continue  # never parsed again: no follow-up from it
         if root_id == o.message.message_id:
             if o.outcome == "delivered":
                 conn.execute(
@@ -101,7 +126,8 @@ def record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: 
         # a duplicate after a restart, say, must not.)
         elif o.outcome == "delivered":
             conn.execute(
-                """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?, updated_at = ?
+                """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?, updated_at = ?,
+                       repushes_sent = repushes_sent + 1
                    WHERE root_id = ? AND device_id = ? AND state = 'waiting' AND repushes = ?""",
                 (o.at, o.at + spec.spacing, now, root_id, o.device_id, meta.get("repush")),
             )
@@ -135,6 +161,7 @@ class AnalyzerActor:
         self.queue_notes = queue_notes
         self.clock = clock
         self._messages: OrderedDict[str, MessageRow | None] = OrderedDict()
+        self._specs: dict[Any, FollowUp | None] = {}  # by root id (bounded like _messages)
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -183,7 +210,7 @@ class AnalyzerActor:
                WHERE f.state = 'waiting' AND i.state NOT IN ('queued', 'leased')"""
         )
         changed = 0
-        specs: dict[bytes, FollowUp] = {}
+        specs: dict[Any, FollowUp | None] = {}
 
         def write(conn: sqlite3.Connection, chunk: list[Any]) -> int:
             n = 0
@@ -193,12 +220,14 @@ class AnalyzerActor:
                         conn, root_id, device_id, "state = 'stopped', reason = ?", ("message_gone",), "message_gone", now
                     )
                 elif state == "sent":
-                    spec = specs.get(meta)
+                    spec = spec_of(meta, specs, root_id)
                     if spec is None:
-                        spec = specs[meta] = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+                        n += _stop_invalid(conn, root_id, device_id, now)
+                        continue
                     n += conn.execute(
                         """UPDATE followups SET state = 'pending', last_delivered_at = ?, due_at = ?,
-                               updated_at = ? WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
+                               updated_at = ?, repushes_sent = repushes_sent + 1
+                           WHERE root_id = ? AND device_id = ? AND state = 'waiting'""",
                         (updated_at, updated_at + spec.spacing, now, root_id, device_id),
                     ).rowcount
                 else:
@@ -233,14 +262,16 @@ class AnalyzerActor:
         row = await self.queue.get_message(message_id)
         self._messages[message_id] = row
         if len(self._messages) > 1024:
-            self._messages.popitem(last=False)
+            gone, _ = self._messages.popitem(last=False)
+            self._specs.pop(gone, None)
         return row
 
     async def _spec(self, root_id: str) -> tuple[MessageRow, FollowUp] | None:
         root = await self._message(root_id)
         if root is None or "follow_up" not in root.meta:
             return None
-        return root, FollowUp.parse(root.meta["follow_up"])
+        spec = spec_of(root.meta, self._specs, root_id)
+        return None if spec is None else (root, spec)
 
     async def on_delivered(self, d: Delivered) -> None:
         """A delivery record only wakes the timer (a new follow-up may be due sooner than
@@ -266,8 +297,8 @@ class AnalyzerActor:
             self.store, record.user_id, allowed_kinds=record.consent.event_kinds if record.consent.events else ()
         )
         at = change.at or self.clock()
-        for root_id in await self.store.transaction(lambda conn: handle_registration_in(conn, record, at)):
-            log.info("handled", message_id=root_id, device_id=record.device_id)
+        for root_id, device_id in await self.store.transaction(lambda conn: handle_registration_in(conn, [record], at)):
+            log.info("handled", message_id=root_id, device_id=device_id)
 
     # -- state changes ------------------------------------------------------------------
 
@@ -322,7 +353,8 @@ class AnalyzerActor:
             self.ctx.heartbeat.beat()
             found = await self._spec(root_id)
             if found is None:
-                await self._stop(root_id, device_id, "message_gone")
+                gone = await self._message(root_id) is None
+                await self._stop(root_id, device_id, "message_gone" if gone else INVALID)
                 continue
             root, spec = found
             record = await self.registry.get(device_id)
@@ -446,21 +478,33 @@ class AnalyzerActor:
             items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=code))
 
         def write(conn: sqlite3.Connection) -> None:
-            # One transaction: the child message, its items, the end of its fan-out and the
-            # follow-ups' move to 'waiting' are stored together or not at all. (Apart, a
+            # One transaction: the follow-ups' move to 'waiting', the child message, its
+            # items and the end of its fan-out are stored together or not at all. (Apart, a
             # crash in between left a re-push queued that an ended follow-up did not know
-            # to withdraw, or a child message that central's fan-out would enqueue.)
+            # to withdraw, or a child message that central's fan-out would enqueue.) Only
+            # the follow-ups still pending get a re-push: one a report or a registration
+            # ended since fire_due looked (the user acted meanwhile) gets none.
+            moved = {
+                row[0]
+                for r in records
+                for row in conn.execute(
+                    """UPDATE followups SET state = 'waiting', repushes = ?, due_at = NULL, updated_at = ?
+                       WHERE root_id = ? AND device_id = ? AND state = 'pending' AND repushes = ?
+                       RETURNING device_id""",
+                    (n, now, root.message_id, r.device_id, n - 1),
+                )
+            }
+            mine = [item for item in items if item.device_id in moved]
+            if not mine:
+                return
             if conn.execute("SELECT 1 FROM messages WHERE message_id = ?", (child_id,)).fetchone():
                 # a later batch of the same re-push (a broadcast fires FIRE_BATCH at a time)
                 conn.execute(
-                    "UPDATE messages SET audience = audience + ? WHERE message_id = ?", (len(items), child_id)
+                    "UPDATE messages SET audience = audience + ? WHERE message_id = ?", (len(mine), child_id)
                 )
-            self.queue.create_many_in(conn, [(child, items)], now)
-            conn.executemany(
-                """UPDATE followups SET state = 'waiting', repushes = ?, due_at = NULL, updated_at = ?
-                   WHERE root_id = ? AND device_id = ? AND state = 'pending'""",
-                [(n, now, root.message_id, r.device_id) for r in records],
-            )
+                self.queue.create_many_in(conn, [(child, mine)], now)
+            else:
+                self.queue.create_many_in(conn, [(dataclasses.replace(child, audience=len(mine)), mine)], now)
 
         await self.store.transaction(write)
         log.info("re-push", message_id=root.message_id, repush=n, devices=len(records), strategy=spec.strategy)
@@ -482,12 +526,13 @@ def handle_event_in(conn: sqlite3.Connection, e: AppEvent, now: float) -> list[t
            WHERE f.user_id = ? AND f.state IN ('pending', 'waiting')""",
         (e.user_id,),
     ).fetchall()
-    specs: dict[str, FollowUp] = {}
+    specs: dict[Any, FollowUp | None] = {}
     handled = []
     for root_id, device_id, delivered_at, meta in rows:
-        spec = specs.get(root_id)
+        spec = spec_of(meta, specs, root_id)
         if spec is None:
-            spec = specs[root_id] = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+            _stop_invalid(conn, root_id, device_id, now)
+            continue
         if e.at >= delivered_at and spec.event_matches(e.name, e.attributes) and end_followup_in(
             conn, root_id, device_id, "state = 'handled', handled_at = ?", (e.at,), "handled", now
         ):
@@ -495,22 +540,30 @@ def handle_event_in(conn: sqlite3.Connection, e: AppEvent, now: float) -> list[t
     return handled
 
 
-def handle_registration_in(conn: sqlite3.Connection, record: DeviceRecord, now: float) -> list[str]:
-    """End, as handled, the open follow-ups of ``record``'s device whose registry condition
-    its new data meets (and withdraw their queued re-pushes), inside the registration's
-    transaction. Returns the root ids ended."""
-    rows = conn.execute(
-        """SELECT f.root_id, m.meta FROM followups f JOIN messages m ON m.message_id = f.root_id
-           WHERE f.device_id = ? AND f.state IN ('pending', 'waiting')""",
-        (record.device_id,),
-    ).fetchall()
+def handle_registration_in(
+    conn: sqlite3.Connection, records: Sequence[DeviceRecord], now: float
+) -> list[tuple[str, str]]:
+    """End, as handled, the open follow-ups of these devices whose registry condition their
+    new data meets (and withdraw their queued re-pushes), inside the registration's
+    transaction. Returns the (root id, device id) pairs ended."""
+    specs: dict[Any, FollowUp | None] = {}  # a bulk registration meets the same roots again
     handled = []
-    for root_id, meta in rows:
-        rule = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"]).registry_rule()
-        if rule is not None and rule.matches(record.fields()) and end_followup_in(
-            conn, root_id, record.device_id, "state = 'handled', handled_at = ?", (now,), "handled", now
-        ):
-            handled.append(root_id)
+    for record in records:
+        rows = conn.execute(
+            """SELECT f.root_id, m.meta FROM followups f JOIN messages m ON m.message_id = f.root_id
+               WHERE f.device_id = ? AND f.state IN ('pending', 'waiting')""",
+            (record.device_id,),
+        ).fetchall()
+        for root_id, meta in rows:
+            spec = spec_of(meta, specs, root_id)
+            if spec is None:
+                _stop_invalid(conn, root_id, record.device_id, now)
+                continue
+            rule = spec.registry_rule()
+            if rule is not None and rule.matches(record.fields()) and end_followup_in(
+                conn, root_id, record.device_id, "state = 'handled', handled_at = ?", (now,), "handled", now
+            ):
+                handled.append((root_id, record.device_id))
     return handled
 
 
@@ -563,6 +616,7 @@ def apply_consents_in(
     allowed = dict(consents)  # user id -> kinds that may still be analysed
     users = list(allowed)
     deleted = stopped = 0
+    specs: dict[Any, FollowUp | None] = {}
     for i in range(0, len(users), 500):
         chunk = users[i : i + 500]
         marks = ",".join("?" * len(chunk))
@@ -585,7 +639,10 @@ def apply_consents_in(
             chunk,
         ).fetchall()
         for user_id, root_id, device_id, meta in rows:
-            spec = FollowUp.parse(msgpack.unpackb(meta, raw=False)["follow_up"])
+            spec = spec_of(meta, specs, root_id)
+            if spec is None:
+                stopped += _stop_invalid(conn, root_id, device_id, now)
+                continue
             if spec.event is not None and spec.event not in allowed[user_id]:
                 stopped += end_followup_in(
                     conn, root_id, device_id, "state = 'stopped', reason = ?", ("consent_withdrawn",),
@@ -612,8 +669,7 @@ async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any]
         )
     ]
     sent_repushes = await queue.store.fetchone(
-        "SELECT count(*) FROM items WHERE message_id > ? AND message_id < ? AND state = 'sent'",
-        (message_id + ".r", message_id + ".s"),  # the children <root>.r<n>
+        "SELECT sum(repushes_sent) FROM followups WHERE root_id = ?", (message_id,)
     )
     return {
         "delivered": sum(states.values()),
@@ -622,7 +678,7 @@ async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any]
         "gave_up": states.get("gave_up", 0),
         "stopped": states.get("stopped", 0),
         # re-pushes sent: one withdrawn (the user acted first), skipped or expired is not
-        "repushed": sent_repushes[0] if sent_repushes else 0,
+        "repushed": (sent_repushes[0] or 0) if sent_repushes else 0,
         "time_to_handle": {
             "p50": times[len(times) // 2] if times else None,
             "max": times[-1] if times else None,
@@ -631,9 +687,8 @@ async def followup_summary(queue: QueueStore, message_id: str) -> dict[str, Any]
 
 
 async def followup_totals(queue: QueueStore) -> dict[str, Any]:
-    """All follow-ups by state; ``repushed``: re-pushes made (sent or not: counting the sent
-    ones would scan every item)."""
-    rows = await queue.store.fetchall("SELECT state, count(*), sum(repushes) FROM followups GROUP BY state")
+    """All follow-ups by state; ``repushed``: re-pushes delivered."""
+    rows = await queue.store.fetchall("SELECT state, count(*), sum(repushes_sent) FROM followups GROUP BY state")
     out: dict[str, Any] = {state: n for state, n, _ in rows}
     out["repushed"] = sum(r or 0 for _, _, r in rows)
     return out

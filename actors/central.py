@@ -391,9 +391,10 @@ class CentralActor:
         if notification.expiration is None:
             stored["expiration"] = int(expiration)
         meta: dict[str, Any] = {"category": category_of(stored, msg.category)}
-        if msg.expiration is not None or notification.expiration:
+        absolute = [float(t) for t in (msg.expiration, notification.expiration) if t]
+        if absolute:
             # An absolute deadline the client set (not a ttl): no re-push goes out after it.
-            meta["until"] = expiration
+            meta["until"] = min(absolute)
         if msg.follow_up is not None:
             try:
                 follow_up = FollowUp.parse(

@@ -253,6 +253,11 @@ MIGRATIONS: tuple[Migration, ...] = (
                WHERE state = 'queued' AND deferred = 0 AND priority >= 10""",
         ),
     ),
+    Migration(
+        8,
+        "analyzer: how many of a follow-up's re-pushes were delivered (kept past retention)",
+        ("ALTER TABLE followups ADD COLUMN repushes_sent INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 
 

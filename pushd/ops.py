@@ -181,7 +181,7 @@ class Ops:
             changed = [r.record for r in results if r.change != "stale"]
             consent = apply_consents_in(conn, [_consent_of(record) for record in changed], now)
             # follow-ups whose registry condition the new data meets end now, with it
-            handled = [(root_id, r.device_id) for r in changed for root_id in handle_registration_in(conn, r, now)]
+            handled = handle_registration_in(conn, changed, now)
             return results, consent, handled
 
         results, (deleted, stopped), handled = await self.p.store.transaction(write)

@@ -511,3 +511,46 @@ async def test_a_late_record_of_an_earlier_repush_does_not_move_the_follow_up(
         assert (f["state"], f["repushes"]) == ("waiting", 2)
         await w.deliver(f"{root}.r2", "d1", "u1")
         assert (await w.followup(root, "d1"))["state"] == "pending"
+
+
+async def test_a_report_landing_while_a_repush_is_being_made_gets_no_repush(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    # fire_due looked for evidence and found none; before it writes the re-push, a report
+    # (ops.report settles follow-ups in its own transaction) ends the follow-up. The
+    # re-push write then makes nothing for it: no reminder to a user who just acted.
+    from actors.analyzer import handle_event_in
+
+    async with world(tmp_path) as w:
+        await w.register("d1", "u1")
+        root = await w.push(FOLLOW)
+        await w.deliver(root, "d1", "u1")
+        await trio.sleep(601)
+        ctx = ActorContext("analyzer", Heartbeat(100_000.0))
+        actor = AnalyzerActor(ctx, inbox=w.recv.clone(), queue=w.queue, registry=w.registry, live=w.live, clock=now)
+        evidence = actor._evidence
+
+        async def evidence_then_report(*args: Any) -> Any:
+            found = await evidence(*args)
+            t = now()
+            event = AppEvent("u1", None, "order.paid", {"order": "A1"}, t)
+            assert await w.store.transaction(lambda conn: handle_event_in(conn, event, t)) == [(root, "d1")]
+            return found
+
+        actor._evidence = evidence_then_report  # type: ignore[method-assign]
+        await actor.fire_due(now())
+        assert (await w.followup(root, "d1"))["state"] == "handled"
+        assert await w.repushes(root) == {}
+
+
+async def test_the_sent_repush_count_outlives_retention(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    async with world(tmp_path) as w:
+        await w.start_analyzer()
+        root = await w.first_repush()
+        await w.store.execute("UPDATE items SET state = 'sent', outcome = 'delivered' WHERE message_id = ?", (f"{root}.r1",))
+        await w.store.execute("UPDATE messages SET state = 'done', finished_at = ? WHERE message_id = ?", (now(), f"{root}.r1"))
+        await w.deliver(f"{root}.r1", "d1", "u1")
+        assert (await followup_summary(w.queue, root) or {})["repushed"] == 1
+        await w.queue.purge_finished(before=now() + 1)  # r1 is finished and past retention
+        assert await w.store.fetchone("SELECT 1 FROM messages WHERE message_id = ?", (f"{root}.r1",)) is None
+        assert (await followup_summary(w.queue, root) or {})["repushed"] == 1

@@ -224,12 +224,47 @@ async def test_an_absolute_expiration_bounds_the_re_pushes_a_ttl_does_not(short_
             short_tmp, "push", notification=alert(expiration=at), target={"devices": ["d1"]}, follow_up=FOLLOW
         )
         by_ttl = await call(short_tmp, "push", notification=alert(), target={"devices": ["d1"]}, follow_up=FOLLOW, ttl=600)
+        # a ttl shorter than the notification's own expiration: the bound is the latter
+        by_both = await call(
+            short_tmp, "push", notification=alert(expiration=at), target={"devices": ["d1"]}, follow_up=FOLLOW, ttl=60
+        )
         until = {}
-        for accepted in (by_expiration, by_own, by_ttl):
+        for accepted in (by_expiration, by_own, by_ttl, by_both):
             row = await daemon.pipeline.store.fetchone(
                 "SELECT meta FROM messages WHERE message_id = ?", (accepted["message_id"],)
             )
             assert row is not None
             until[accepted["message_id"]] = msgpack.unpackb(row[0], raw=False).get("until")
-        assert until[by_expiration["message_id"]] == until[by_own["message_id"]] == at
+        assert until[by_expiration["message_id"]] == until[by_own["message_id"]] == until[by_both["message_id"]] == at
         assert until[by_ttl["message_id"]] is None
+
+
+async def test_a_stored_follow_up_that_no_longer_parses_is_stopped_not_in_the_way(short_tmp: Path) -> None:
+    # A follow-up stored by an older version with a spec this one refuses (here a rule
+    # nested deeper than the limit added since): registrations of its device and reports
+    # of its user go through, and the follow-up is stopped as invalid_follow_up.
+    async with running(short_tmp) as daemon:
+        store = daemon.pipeline.store
+        consent = {"events": True, "event_kinds": ["app.opened"]}
+        await call(short_tmp, "register", **device("d1", "u1", consent=consent))
+        rule: object = {"field": "device.app_version", "semver_ge": "2.0.0"}
+        for _ in range(40):
+            rule = {"not": rule}
+        spec = {"handled": {"registry": rule}, "deadline": 3600.0, "max_repushes": 1, "spacing": 3600.0, "strategy": "resend"}
+        t = time.time()
+        await store.execute(
+            "INSERT INTO messages (message_id, payload, priority, push_type, created_at, target, meta, audience, state) "
+            "VALUES ('old', ?, 10, 'alert', ?, ?, ?, 1, 'done')",
+            (msgpack.packb({"aps": {"alert": "x"}}), t, msgpack.packb({"devices": ["d1"]}),
+             msgpack.packb({"category": None, "follow_up": spec})),
+        )
+        await store.execute(
+            "INSERT INTO followups (root_id, device_id, user_id, class_id, state, delivered_at, last_delivered_at, "
+            "due_at, updated_at, repushes) VALUES ('old', 'd1', 'u1', 'everyone', 'pending', ?, ?, ?, ?, 0)",
+            (t, t, t + 3600, t),
+        )
+        await call(short_tmp, "report", user_id="u1", name="app.opened")
+        await call(short_tmp, "register", **device("d1", "u1", consent=consent, app_version="1.2.0"))
+        assert len(await store.fetchall("SELECT * FROM events")) == 1
+        row = await store.fetchone("SELECT state, reason FROM followups WHERE root_id = 'old'")
+        assert row is not None and tuple(row) == ("stopped", "invalid_follow_up")
