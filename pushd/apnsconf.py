@@ -14,7 +14,7 @@ import structlog
 import trio
 
 from actors.base import ActorContext
-from apns.auth import TokenAuth, generate_signing_key, make_ssl_context
+from apns.auth import MAX_REFRESH_INTERVAL, TokenAuth, generate_signing_key, make_ssl_context
 from apns.sender import ENVIRONMENTS, SenderConfig
 from apns.simulator import RecordedRequest, SimConfig, SimKey, Simulator, generate_tls
 from pushd.config import Config
@@ -97,6 +97,14 @@ def sender_config_factory(cfg: Config, *, sim: SimulatorSetup | None, port_ref: 
     """A function building the SenderConfig (called by each node when it (re)starts its
     sender, so the simulator's port is known by then)."""
     a = cfg.apns
+    # Before connections kept their tokens, up to 3599 s was allowed (and 3000 shipped): such
+    # a value still starts, used as the largest one that keeps a kept token inside the hour.
+    refresh = min(a.token_refresh, MAX_REFRESH_INTERVAL)
+    if a.auth == "token" and refresh < a.token_refresh:
+        log.warning(
+            "apns.token_refresh is above its limit; using the limit",
+            file=str(cfg.source), configured=a.token_refresh, used=refresh,
+        )
     common: dict[str, Any] = {
         "connections": a.connections,
         "max_streams_per_connection": a.max_streams,
@@ -114,7 +122,7 @@ def sender_config_factory(cfg: Config, *, sim: SimulatorSetup | None, port_ref: 
         if a.auth != "token":
             return None
         return TokenAuth.from_file(
-            cfg.resolve(a.key_file), key_id=a.key_id, team_id=a.team_id, refresh_interval=a.token_refresh
+            cfg.resolve(a.key_file), key_id=a.key_id, team_id=a.team_id, refresh_interval=refresh
         )
 
     def ssl_context() -> Any:
@@ -135,7 +143,7 @@ def sender_config_factory(cfg: Config, *, sim: SimulatorSetup | None, port_ref: 
                 port=port_ref[0],
                 ssl_context=make_ssl_context(ca_file=sim.ca_file),
                 auth=TokenAuth.from_file(
-                    sim.signing_key, key_id=SIM_KEY_ID, team_id=SIM_TEAM_ID, refresh_interval=a.token_refresh
+                    sim.signing_key, key_id=SIM_KEY_ID, team_id=SIM_TEAM_ID, refresh_interval=refresh
                 ),
                 **common,
             )

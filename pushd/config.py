@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "RESTART_REQUIRED",
@@ -92,7 +92,7 @@ class ApnsSection(_Section):
     key_file: str = ""
     key_id: str = ""
     team_id: str = ""
-    token_refresh: Annotated[float, Field(ge=1200)] = 1800.0
+    token_refresh: Annotated[float, Field(ge=1200, lt=3600)] = 1800.0  # used up to 2100 (apnsconf)
     cert_file: str = ""
     cert_key_file: str = ""
     cert_password: str = ""
@@ -104,18 +104,6 @@ class ApnsSection(_Section):
     ping_interval: Seconds = 60.0
     ping_timeout: Seconds = 10.0
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
-
-    @field_validator("token_refresh")
-    @classmethod
-    def _token_refresh(cls, value: float) -> float:
-        if value > 2100:
-            # (up to 3599 was accepted before connections kept their tokens: say why not now)
-            raise ValueError(
-                "must be at most 2100 s: a connection keeps its token up to 21 minutes after "
-                "it changes, and a longer interval would send tokens older than APNs's hour "
-                "(1800 is the default)"
-            )
-        return value
 
     @model_validator(mode="after")
     def _credentials(self) -> ApnsSection:

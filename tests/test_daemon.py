@@ -242,3 +242,21 @@ async def test_reload_that_cannot_be_applied_is_refused_and_the_daemon_keeps_run
         assert {a["state"] for a in daemon.supervisor.describe()} == {"running"}
         write_config(short_tmp, nodes=3)
         assert (await call(ctl, "reload"))["changed"] == ["nodes.count"]  # type: ignore[index]
+
+
+async def test_a_token_refresh_above_its_limit_still_starts_using_the_limit(short_tmp: Path) -> None:
+    # Up to 3599 s was accepted before connections kept their tokens (3000 was shipped):
+    # an installed config with it starts, warns, and uses 2100 s.
+    from structlog.testing import capture_logs
+
+    cfg = write_config(short_tmp, extra="[apns]\ntoken_refresh = 3000.0\n")
+    with capture_logs() as logs:
+        async with running(cfg) as daemon:
+            pipeline = daemon._pipeline
+            assert pipeline is not None
+            sender = pipeline.live.current.sender_config
+            assert sender is not None
+            auth = sender().auth
+            assert auth is not None and auth.refresh_interval == 2100.0
+    warned = [e for e in logs if e["event"].startswith("apns.token_refresh is above its limit")]
+    assert warned and warned[0]["configured"] == 3000.0 and warned[0]["used"] == 2100.0
