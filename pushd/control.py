@@ -52,6 +52,7 @@ _LIVENESS_TIMEOUT = 1.0
 # maps: 72 MiB). Frames above LARGE_FRAME (a register_many, a push to thousands of listed
 # devices) are decoded and handled LARGE_FRAMES_AT_ONCE at a time, so that the connection
 # limit times the frame limit (64 MiB by default) cannot turn into gigabytes.
+FIRST_REQUEST_TIMEOUT = 10.0  # seconds a new connection has to send its first request
 LARGE_FRAME = 16 << 10
 LARGE_FRAMES_AT_ONCE = 2
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -163,7 +164,6 @@ class ControlServer:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.active_connections = 0
-        self._idle: dict[trio.CancelScope, float] = {}  # connections waiting for a request
         self.total_connections = 0
         self.requests_served = 0
 
@@ -264,24 +264,13 @@ class ControlServer:
                 continue
             self.total_connections += 1
             if self.active_connections >= self.max_connections:
-                if self._idle:
-                    # Make room: the connection idle the longest is closed (a client
-                    # reconnects on its next call), so idle or silent connections cannot
-                    # lock everyone else out until the idle timeout.
-                    oldest = min(self._idle, key=self._idle.__getitem__)
-                    del self._idle[oldest]
-                    oldest.cancel()
-                    log.info("control connection limit reached; closed the longest idle one",
-                             limit=self.max_connections)
-                else:
-                    log.warning("control connection refused: too many connections, none idle",
-                                limit=self.max_connections)
-                    await self._refuse(stream, OpError(
-                        ErrorCode.UNAVAILABLE,
-                        f"too many control connections (limit {self.max_connections}), all busy; "
-                        "try again later",
-                    ))
-                    continue
+                log.warning("control connection refused: too many connections",
+                            limit=self.max_connections)
+                await self._refuse(stream, OpError(
+                    ErrorCode.UNAVAILABLE,
+                    f"too many control connections (limit {self.max_connections}); try again later",
+                ))
+                continue
             self.active_connections += 1
             nursery.start_soon(self._connection_task, stream)
 
@@ -313,17 +302,18 @@ class ControlServer:
 
     async def _serve(self, stream: trio.SocketStream, peer: Peer, logger: Any) -> None:
         buffer = bytearray()
+        served = False  # a request came on this connection
         while True:
             try:
-                with trio.move_on_after(self.idle_timeout) as idle:
-                    self._idle[idle] = trio.current_time()  # waiting for a request
-                    try:
-                        payload = await read_payload(stream, max_size=self.max_frame, buffer=buffer)
-                    finally:
-                        self._idle.pop(idle, None)
+                # A connection must send its first request soon (clients connect to send
+                # one): silent connections cannot hold the connection limit for long.
+                wait = self.idle_timeout if served else min(self.idle_timeout, FIRST_REQUEST_TIMEOUT)
+                with trio.move_on_after(wait) as idle:
+                    payload = await read_payload(stream, max_size=self.max_frame, buffer=buffer)
                 if idle.cancelled_caught:
-                    logger.info("closing idle control connection", idle_timeout=self.idle_timeout)
+                    logger.info("closing idle control connection", idle_timeout=wait)
                     return
+                served = True
                 if payload is None:
                     return
                 if len(payload) > LARGE_FRAME:

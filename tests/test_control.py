@@ -309,15 +309,13 @@ async def test_oversized_request_from_the_client_is_reported(server: ControlServ
 # -- limits --------------------------------------------------------------------------------
 
 
-async def test_extra_connections_are_refused_politely_when_none_is_idle(
-    nursery: trio.Nursery, sock_path: Path
-) -> None:
+async def test_extra_connections_are_refused_politely(nursery: trio.Nursery, sock_path: Path) -> None:
     server = ControlServer(sock_path, HANDLERS, max_connections=2)
     await nursery.start(server.run)
     first, second = await Conn.open(sock_path), await Conn.open(sock_path)
     for conn in (first, second):  # both busy with a request
         await conn.send(encode_frame({"v": 1, "id": 1, "op": "hang", "args": {}}))
-    await wait_until(lambda: not server._idle and server.active_connections == 2)
+    await wait_until(lambda: server.requests_served == 2)
     third = await Conn.open(sock_path)
     reply = await third.receive()
     assert reply["error"]["code"] == "unavailable"
@@ -326,20 +324,23 @@ async def test_extra_connections_are_refused_politely_when_none_is_idle(
     assert server.stats() == {"connections_active": 2, "connections_total": 3, "requests": 2}
 
 
-async def test_at_the_limit_the_longest_idle_connection_makes_room(nursery: trio.Nursery, sock_path: Path) -> None:
-    # Connections that never send a byte (or pooled clients between calls) do not lock
-    # others out until the idle timeout: the one idle longest is closed.
-    server = ControlServer(sock_path, HANDLERS, max_connections=2)
+async def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_timeout(
+    nursery: trio.Nursery, sock_path: Path, autojump_clock: Any
+) -> None:
+    # Silent connections cannot hold the connection limit until the idle timeout: a new
+    # connection has FIRST_REQUEST_TIMEOUT to send a request; one that has, idle_timeout.
+    from pushd.control import FIRST_REQUEST_TIMEOUT
+
+    server = ControlServer(sock_path, HANDLERS, idle_timeout=300.0)
     await nursery.start(server.run)
-    silent = await Conn.open(sock_path)
-    await wait_until(lambda: len(server._idle) == 1)
-    await trio.sleep(0.05)
-    pooled = await Conn.open(sock_path)
-    assert "result" in await pooled.request("ping")
-    operator = await Conn.open(sock_path)
-    assert "result" in await operator.request("ping")
-    assert await silent.receive() is None  # closed to make room
-    assert "result" in await pooled.request("ping")
+    silent, used = await Conn.open(sock_path), await Conn.open(sock_path)
+    assert "result" in await used.request("ping")
+    start = trio.current_time()
+    with trio.fail_after(60):
+        assert await read_frame(silent.stream, max_size=1024, buffer=bytearray()) is None
+    assert FIRST_REQUEST_TIMEOUT <= trio.current_time() - start < FIRST_REQUEST_TIMEOUT + 1
+    assert server.active_connections == 1
+    assert "result" in await used.request("ping")
 
 
 async def test_idle_connection_is_closed(nursery: trio.Nursery, sock_path: Path, autojump_clock: Any) -> None:
