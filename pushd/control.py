@@ -55,6 +55,7 @@ _LIVENESS_TIMEOUT = 1.0
 FIRST_REQUEST_TIMEOUT = 10.0  # seconds a new connection has to send its first request
 LARGE_FRAME = 16 << 10
 LARGE_FRAMES_AT_ONCE = 2
+LARGE_FRAME_WAIT = 10.0  # seconds a large request waits for a slot before it is refused
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # SO_PEERGROUPS (Linux >= 4.13) is missing from Python's socket module; its value is 59 on
 # the architectures that use the generic socket option numbers.
@@ -316,9 +317,9 @@ class ControlServer:
                 served = True
                 if payload is None:
                     return
+                reply: bytes | dict[str, Any]
                 if len(payload) > LARGE_FRAME:
-                    async with self._large_frames:
-                        reply = await self._dispatch(decode_payload(payload), peer, logger)
+                    reply = await self._large(payload, peer, logger)
                 else:
                     reply = await self._dispatch(decode_payload(payload), peer, logger)
             except ProtocolError as exc:
@@ -330,6 +331,25 @@ class ControlServer:
             if not await self._send(stream, reply):
                 logger.info("closing control connection: peer does not read its replies")
                 return
+
+    async def _large(self, payload: bytes, peer: Peer, logger: Any) -> bytes | dict[str, Any]:
+        """A large request: decoded and handled once one of LARGE_FRAMES_AT_ONCE slots is
+        free; refused, undecoded and undone, if none frees up within LARGE_FRAME_WAIT."""
+        acquired = False
+        with trio.move_on_after(LARGE_FRAME_WAIT):
+            await self._large_frames.acquire()
+            acquired = True
+        if not acquired:
+            logger.warning("large control request refused: others in progress", size=len(payload))
+            return error_reply(None, OpError(
+                ErrorCode.UNAVAILABLE,
+                f"{LARGE_FRAMES_AT_ONCE} large requests in progress for {LARGE_FRAME_WAIT:g}s; "
+                "nothing was done, try again",
+            ))
+        try:
+            return await self._dispatch(decode_payload(payload), peer, logger)
+        finally:
+            self._large_frames.release()
 
     async def _dispatch(self, obj: Any, peer: Peer, logger: Any) -> bytes:
         """Run one request through its handler; always returns an encoded reply frame."""

@@ -608,3 +608,35 @@ async def test_large_frames_are_handled_a_few_at_a_time_small_ones_at_once(
     replies = [await c.receive() for c in conns]
     assert [r["result"] for r in replies] == [len(blob)] * 4 + [0, 0]
     assert inside["most"] == LARGE_FRAMES_AT_ONCE + 2
+
+
+async def test_a_large_request_waiting_too_long_for_a_slot_is_refused_undone(
+    nursery: trio.Nursery, sock_path: Path, autojump_clock: Any
+) -> None:
+    from pushd.control import LARGE_FRAME, LARGE_FRAME_WAIT, LARGE_FRAMES_AT_ONCE
+
+    release = trio.Event()
+    calls = []
+
+    async def held(args: dict[str, Any], peer: Peer) -> Any:
+        calls.append(1)
+        await release.wait()
+        return "done"
+
+    server = ControlServer(sock_path, {**HANDLERS, "held": held})
+    await nursery.start(server.run)
+    blob = "x" * (LARGE_FRAME + 1)
+    busy = [await Conn.open(sock_path) for _ in range(LARGE_FRAMES_AT_ONCE)]
+    for c in busy:
+        await c.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {"blob": blob}}))
+    await wait_until(lambda: len(calls) == LARGE_FRAMES_AT_ONCE)
+    late = await Conn.open(sock_path)
+    start = trio.current_time()
+    await late.send(encode_frame({"v": 1, "id": 7, "op": "held", "args": {"blob": blob}}))
+    with trio.fail_after(LARGE_FRAME_WAIT + 5):
+        reply = await read_frame(late.stream, max_size=1 << 20, buffer=late.buffer)
+    assert reply["error"]["code"] == "unavailable" and "nothing was done" in reply["error"]["message"]
+    assert trio.current_time() - start == pytest.approx(LARGE_FRAME_WAIT, abs=0.5)
+    assert len(calls) == LARGE_FRAMES_AT_ONCE  # never handled
+    assert "result" in await late.request("ping")  # the connection goes on
+    release.set()
