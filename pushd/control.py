@@ -165,6 +165,8 @@ class ControlServer:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.active_connections = 0
+        self._in_progress = 0  # requests being handled or answered
+        self._settled = trio.Event()  # set (and replaced) whenever that count drops to 0
         self.total_connections = 0
         self.requests_served = 0
 
@@ -317,20 +319,35 @@ class ControlServer:
                 served = True
                 if payload is None:
                     return
-                reply: bytes | dict[str, Any]
-                if len(payload) > LARGE_FRAME:
-                    reply = await self._large(payload, peer, logger)
-                else:
-                    reply = await self._dispatch(decode_payload(payload), peer, logger)
+                self._in_progress += 1
+                try:
+                    reply: bytes | dict[str, Any]
+                    if len(payload) > LARGE_FRAME:
+                        reply = await self._large(payload, peer, logger)
+                    else:
+                        reply = await self._dispatch(decode_payload(payload), peer, logger)
+                    sent = await self._send(stream, reply)
+                finally:
+                    self._in_progress -= 1
+                    if not self._in_progress:
+                        self._settled.set()
+                        self._settled = trio.Event()
             except ProtocolError as exc:
                 # The byte stream cannot be resynchronised: say why, then hang up.
                 logger.warning("bad control frame; closing connection", code=str(exc.code),
                                error=exc.message)
                 await self._send(stream, error_reply(None, OpError(exc.code, exc.message)))
                 return
-            if not await self._send(stream, reply):
+            if not sent:
                 logger.info("closing control connection: peer does not read its replies")
                 return
+
+    async def settle(self) -> None:
+        """Return once no request is being handled or answered: at shutdown, so that the
+        requests answered last (pushes told they were not accepted) get their replies out
+        before the connections are closed. The caller bounds the wait."""
+        while self._in_progress:
+            await self._settled.wait()
 
     async def _large(self, payload: bytes, peer: Peer, logger: Any) -> bytes | dict[str, Any]:
         """A large request: decoded and handled once one of LARGE_FRAMES_AT_ONCE slots is

@@ -40,6 +40,7 @@ log = structlog.get_logger("pushd.daemon")
 
 EXIT_OK = 0
 EXIT_ESCALATED = 1
+SETTLE_TIMEOUT = 1.0  # seconds the last replies get after the drain, before connections close
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[Any]]
 
@@ -163,6 +164,10 @@ class Daemon:
         task_status.started(self)
         await self._stop_requested.wait()
         await self._drain()
+        if await pipeline.refuse_waiting():
+            log.info("pushes still waiting for central answered: not accepted")
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            await control.settle()
 
     # -- signals, drain, watchdog ---------------------------------------------------
 

@@ -22,7 +22,7 @@ import trio
 
 from actors.analyzer import AnalyzerActor, followup_totals
 from actors.base import ActorContext
-from actors.central import CentralActor
+from actors.central import CentralActor, NotAccepted
 from actors.idcode import CodeKeys
 from actors.live import Live, LiveRef
 from actors.messages import AppEvent, Delivered, Enqueued, Envelope, Handoff, RegistryChanged
@@ -115,6 +115,22 @@ class Pipeline:
                 yield pipeline
             finally:
                 pipeline.close_channels()
+
+    async def refuse_waiting(self) -> int:
+        """After the drain: answer the pushes still waiting in central's inbox (central was
+        not running to do it: restarting after a crash when the drain began) as not
+        accepted, and close the inbox, so that pushes still being sent to it are refused
+        the same way. Returns how many were answered."""
+        answered = 0
+        while True:
+            try:
+                envelope = self.central_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            await envelope.answer(NotAccepted("pushd is shutting down"))
+            answered += 1
+        self.central_recv.close()
+        return answered
 
     def close_channels(self) -> None:
         channels: list[trio.abc.SendChannel[Any] | trio.abc.ReceiveChannel[Any]] = [

@@ -3,6 +3,7 @@ simulator, whose request log is the ground truth."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -580,3 +581,57 @@ async def test_a_reload_whose_new_node_cannot_start_keeps_the_old_node_count(
         accepted = await call(short_tmp, "push", notification=alert(), target={"devices": ids})
         assert (await settled(short_tmp, accepted["message_id"]))["states"]["sent"] == 12
         daemon.request_stop()
+
+
+async def test_a_push_waiting_while_central_restarts_at_shutdown_is_told_it_was_not_accepted(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Central crashed and waits to be restarted when the drain begins: it never runs again
+    # to answer its inbox, so the daemon answers what is left there after the drain.
+    from actors.central import CentralActor
+    from pushd.config import load_config
+    from pushd.daemon import Daemon
+    from pushd.sdnotify import Notifier
+    from tests.pipeline_helpers import BASE
+
+    handle = CentralActor._handle
+    crashed: list[int] = []
+
+    async def crash_once(self: CentralActor, envelope: Any) -> None:
+        if not crashed:
+            crashed.append(1)
+            raise RuntimeError("central crashes")
+        await handle(self, envelope)
+
+    monkeypatch.setattr(CentralActor, "_handle", crash_once)
+    path = short_tmp / "pushd.toml"
+    path.write_text(BASE.format(nodes=1).replace(
+        "heartbeat_interval = 0.2", "heartbeat_interval = 0.2\nbackoff_initial = 8.0\nbackoff_max = 8.0"))
+    daemon = Daemon(load_config(path), notifier=Notifier(None))
+    second: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        await call(short_tmp, "register", **device("d1", "u1"))
+
+        async def first() -> None:  # taken by central as it crashes: no answer to give
+            with contextlib.suppress(Exception):
+                await call(short_tmp, "push", notification=alert("first"), target={"devices": ["d1"]})
+
+        nursery.start_soon(first)
+        for _ in range(100):  # central crashed and is backing off (8 s)
+            if daemon.supervisor.actors["central"].state == "backoff":
+                break
+            await trio.sleep(0.05)
+        assert daemon.supervisor.actors["central"].state == "backoff"
+
+        async def push() -> None:
+            try:
+                await call(short_tmp, "push", notification=alert("second"), target={"devices": ["d1"]})
+                second.append("accepted")
+            except RequestFailed as e:
+                second.append(f"{e.code}: {e.message}")
+
+        nursery.start_soon(push)
+        await trio.sleep(0.5)
+        daemon.request_stop()
+    assert second == ["unavailable: pushd is shutting down; push not accepted"]
