@@ -39,6 +39,8 @@ from pushd.supervisor import ActorEscalation, Supervisor
 
 log = structlog.get_logger("pushd.pipeline")
 
+NODE_START_TIMEOUT = 60.0  # seconds a node added by a reload has to start (restarts included)
+
 AnalyzerInput = Delivered | AppEvent | RegistryChanged
 
 
@@ -255,13 +257,16 @@ class Pipeline:
         self.live.current = live
         if config.nodes.count > old.nodes.count:
             try:
-                await self._scale_nodes(nursery, supervisor, config.nodes.count)
-            except ActorEscalation as exc:
+                with trio.fail_after(NODE_START_TIMEOUT):  # a start that hangs fails too
+                    await self._scale_nodes(nursery, supervisor, config.nodes.count)
+            except (ActorEscalation, trio.TooSlowError) as exc:
+                failed = f"node-{len(self.node_names)}"
                 self._set(old, old_live.apns_generation)
                 self.live.current = old_live
-                supervisor.actors.pop(exc.name, None)
+                supervisor.actors.pop(failed, None)
                 await self._scale_nodes(nursery, supervisor, old.nodes.count)
-                raise ValueError(f"{exc.name} could not start, {old.nodes.count} kept: {exc}") from exc
+                why = str(exc) if isinstance(exc, ActorEscalation) else f"not started within {NODE_START_TIMEOUT:g}s"
+                raise ValueError(f"{failed} could not start, {old.nodes.count} kept: {why}") from exc
         log.info("pipeline settings applied", nodes=config.nodes.count, apns_generation=self.apns_generation)
 
     def _set(self, config: Config, apns_generation: int) -> None:

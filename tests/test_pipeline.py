@@ -635,3 +635,28 @@ async def test_a_push_waiting_while_central_restarts_at_shutdown_is_told_it_was_
         await trio.sleep(0.5)
         daemon.request_stop()
     assert second == ["unavailable: pushd is shutting down; push not accepted"]
+
+
+async def test_a_reload_whose_new_node_hangs_at_start_is_rolled_back_too(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pushd.pipeline
+    from actors.node import NodeActor
+    from tests.pipeline_helpers import write_config
+
+    start = NodeActor.run
+
+    async def run(self: NodeActor, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.index == 1:
+            await trio.sleep_forever()  # never reports started
+        await start(self, task_status=task_status)
+
+    monkeypatch.setattr(NodeActor, "run", run)
+    monkeypatch.setattr(pushd.pipeline, "NODE_START_TIMEOUT", 0.5)
+    async with running(short_tmp, nodes=1) as daemon:
+        write_config(short_tmp, nodes=2)
+        with pytest.raises(RequestFailed) as info:
+            await call(short_tmp, "reload")
+        assert "node-1 could not start, 1 kept: not started within 0.5s" in info.value.message
+        assert daemon.pipeline.node_names == ["node-0"] and "node-1" not in daemon.supervisor.actors
+        assert daemon.pipeline.live.current.node_count == 1
