@@ -459,7 +459,6 @@ class AnalyzerActor:
         )
         issued = int(now * 1000)
         items = []
-        shards = set()
         for record in records:
             class_id = (
                 live.classifier.classify(record.fields()) or "unclassified"
@@ -473,11 +472,10 @@ class AnalyzerActor:
                     class_id,
                 )
             shard = live.shard_of(record.device_id, record.attributes)
-            shards.add(shard)
             code = live.codes.seal(IdCode(child_id, record.device_id, record.user_id, class_id, issued))
             items.append(ItemRow(device_id=record.device_id, shard=shard, idcode=code))
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> list[ItemRow]:
             # One transaction: the follow-ups' move to 'waiting', the child message, its
             # items and the end of its fan-out are stored together or not at all. (Apart, a
             # crash in between left a re-push queued that an ended follow-up did not know
@@ -496,7 +494,7 @@ class AnalyzerActor:
             }
             mine = [item for item in items if item.device_id in moved]
             if not mine:
-                return
+                return mine
             if conn.execute("SELECT 1 FROM messages WHERE message_id = ?", (child_id,)).fetchone():
                 # a later batch of the same re-push (a broadcast fires FIRE_BATCH at a time)
                 conn.execute(
@@ -504,14 +502,23 @@ class AnalyzerActor:
                 )
                 self.queue.create_many_in(conn, [(child, mine)], now)
             else:
-                self.queue.create_many_in(conn, [(dataclasses.replace(child, audience=len(mine)), mine)], now)
+                first = dataclasses.replace(
+                    child, audience=len(mine), target={"devices": [item.device_id for item in mine]}
+                )
+                self.queue.create_many_in(conn, [(first, mine)], now)
+            return mine
 
-        await self.store.transaction(write)
-        log.info("re-push", message_id=root.message_id, repush=n, devices=len(records), strategy=spec.strategy)
+        made = await self.store.transaction(write)
+        if not made:
+            return
+        log.info("re-push", message_id=root.message_id, repush=n, devices=len(made), strategy=spec.strategy)
         if self.queue_notes is not None:
             with contextlib.suppress(trio.WouldBlock):
                 self.queue_notes.send_nowait(
-                    Enqueued(shards=sorted(shards), count=len(items), urgent=root.priority >= URGENT_PRIORITY)
+                    Enqueued(
+                        shards=sorted({item.shard for item in made}), count=len(made),
+                        urgent=root.priority >= URGENT_PRIORITY,
+                    )
                 )
 
 

@@ -256,7 +256,16 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         8,
         "analyzer: how many of a follow-up's re-pushes were delivered (kept past retention)",
-        ("ALTER TABLE followups ADD COLUMN repushes_sent INTEGER NOT NULL DEFAULT 0",),
+        (
+            "ALTER TABLE followups ADD COLUMN repushes_sent INTEGER NOT NULL DEFAULT 0",
+            # from the re-push items still stored (those retention purged are not counted)
+            """UPDATE followups SET repushes_sent = (
+                   SELECT count(*) FROM items i
+                   WHERE i.device_id = followups.device_id AND i.state = 'sent'
+                     AND i.message_id > followups.root_id || '.r'
+                     AND i.message_id < followups.root_id || '.s')
+               WHERE repushes > 0""",
+        ),
     ),
 )
 

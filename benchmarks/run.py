@@ -647,6 +647,10 @@ def paced_pushes(
     slot ``k / rate`` on whichever connection is free (a late reply does not delay the
     next push; only running out of free connections would, which ``send_lag`` shows)."""
 
+    # Every connection sends its first push within ~8 s of opening (pushd closes one that
+    # has sent nothing for 10 s): at a low rate, fewer connections.
+    connections = max(1, min(connections, int(rate * 8)))
+
     async def main() -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
         pool_send, pool_recv = trio.open_memory_channel[PushConnection](connections)

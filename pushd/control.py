@@ -55,7 +55,7 @@ _LIVENESS_TIMEOUT = 1.0
 FIRST_REQUEST_TIMEOUT = 10.0  # seconds a new connection has to send its first request
 LARGE_FRAME = 16 << 10
 LARGE_FRAMES_AT_ONCE = 2
-LARGE_FRAME_WAIT = 10.0  # seconds a large request waits for a slot before it is refused
+LARGE_FRAME_WAIT = 5.0  # seconds a large request waits for a slot (well inside clients' 10 s)
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # SO_PEERGROUPS (Linux >= 4.13) is missing from Python's socket module; its value is 59 on
 # the architectures that use the generic socket option numbers.

@@ -39,7 +39,7 @@ from pushd.supervisor import ActorEscalation, Supervisor
 
 log = structlog.get_logger("pushd.pipeline")
 
-NODE_START_TIMEOUT = 60.0  # seconds a node added by a reload has to start (restarts included)
+NODE_START_TIMEOUT = 30.0  # seconds the nodes a reload adds have to start (restarts included)
 
 AnalyzerInput = Delivered | AppEvent | RegistryChanged
 

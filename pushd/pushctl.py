@@ -39,6 +39,7 @@ EXIT_ERROR_REPLY = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_WAIT_TIMEOUT = 4  # push --wait: still pending when --wait-timeout expired
+RELOAD_TIMEOUT = 60.0  # seconds pushctl reload waits by default (a reload may start nodes)
 EXIT_INTERRUPTED = 130
 
 
@@ -743,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON even on a terminal")
     common.add_argument("--timeout", type=_positive_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
-                        help="how long to wait for the daemon (default 10)")
+                        help="how long to wait for the daemon (default 10; reload 60)")
 
     parser = argparse.ArgumentParser(
         prog="pushctl", parents=[common],
@@ -807,7 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(as_json=as_json, progress=_progress_writer(sys.stderr),
                       stderr_is_terminal=_stderr_is_terminal())
     try:
-        with Client(socket_path, timeout=getattr(ns, "timeout", 10.0)) as client:
+        # A reload may start nodes (up to NODE_START_TIMEOUT, then rolled back): wait longer.
+        default_timeout = RELOAD_TIMEOUT if command.name == "reload" else 10.0
+        with Client(socket_path, timeout=getattr(ns, "timeout", default_timeout)) as client:
             if command.run is not None:
                 result = command.run(client, ns, args, session)
             else:

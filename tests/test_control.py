@@ -640,3 +640,37 @@ async def test_a_large_request_waiting_too_long_for_a_slot_is_refused_undone(
     assert len(calls) == LARGE_FRAMES_AT_ONCE  # never handled
     assert "result" in await late.request("ping")  # the connection goes on
     release.set()
+
+
+async def test_a_refused_large_request_reaches_a_client_with_the_default_timeout(
+    nursery: trio.Nursery, sock_path: Path
+) -> None:
+    # The large-request wait is well inside a Client's default timeout: the client hears
+    # "unavailable, nothing was done", not a timeout that leaves it unsure.
+    from pushd.client import Client, RequestFailed
+    from pushd.control import LARGE_FRAME, LARGE_FRAMES_AT_ONCE
+
+    release = trio.Event()
+
+    async def held(args: dict[str, Any], peer: Peer) -> Any:
+        await release.wait()
+        return "done"
+
+    server = ControlServer(sock_path, {**HANDLERS, "held": held})
+    await nursery.start(server.run)
+    blob = "x" * (LARGE_FRAME + 1)
+    busy = [await Conn.open(sock_path) for _ in range(LARGE_FRAMES_AT_ONCE)]
+    for c in busy:
+        await c.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {"blob": blob}}))
+    await wait_until(lambda: server.requests_served == LARGE_FRAMES_AT_ONCE)
+
+    def call() -> str:
+        with Client(sock_path) as client:  # the default timeout
+            try:
+                client.call("held", blob=blob)
+            except RequestFailed as exc:
+                return exc.code
+        return "answered"
+
+    assert await trio.to_thread.run_sync(call) == "unavailable"
+    release.set()

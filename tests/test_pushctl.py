@@ -218,3 +218,25 @@ async def test_a_new_op_is_one_table_entry(
     assert json.loads(capsys.readouterr().out) == {"word": "hi", "count": 3}
     assert await pushctl_main("--socket", str(sock_path), "echo", "hi", "--count", "-1") == 2
     assert "--count must not be negative" in capsys.readouterr().err
+
+
+async def test_reload_waits_longer_than_other_commands_by_default(
+    server: ControlServer, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reload may start nodes and roll back if one does not start (up to 30 s): pushctl
+    # waits RELOAD_TIMEOUT for its answer unless --timeout says otherwise.
+    timeouts: list[float] = []
+    real = pushctl.Client
+
+    def recording(path: Any, *, timeout: float) -> Any:
+        timeouts.append(timeout)
+        return real(path, timeout=timeout)
+
+    monkeypatch.setattr(pushctl, "Client", recording)
+    await pushctl_main("--socket", str(sock_path), "reload")
+    await pushctl_main("--socket", str(sock_path), "ping")
+    await pushctl_main("--socket", str(sock_path), "--timeout", "3", "reload")
+    assert timeouts == [pushctl.RELOAD_TIMEOUT, 10.0, 3.0]
+    from pushd.pipeline import NODE_START_TIMEOUT
+
+    assert pushctl.RELOAD_TIMEOUT > NODE_START_TIMEOUT

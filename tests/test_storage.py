@@ -445,3 +445,30 @@ async def test_finishing_a_checkpoint_lets_the_wal_start_over(tmp_path: Path) ->
             await store.execute("INSERT INTO t VALUES (randomblob(40000))")
         assert wal.stat().st_size == size  # written from its start, over copied frames
         assert store.finished_checkpoints == 1
+
+
+async def test_migration_8_counts_the_re_pushes_already_sent(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with open_store(path, migrations=MIGRATIONS[:7]) as store:
+
+        def fill(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO followups (root_id, device_id, user_id, state, delivered_at, last_delivered_at, "
+                "updated_at, repushes) VALUES ('m', 'd1', 'u1', 'waiting', 0, 0, 0, 2)"
+            )
+            for message_id, state in (("m.r1", "sent"), ("m.r2", "queued"), ("other.r1", "sent")):
+                conn.execute(
+                    "INSERT INTO messages (message_id, payload, priority, push_type, created_at, target, meta, "
+                    "audience, state) VALUES (?, x'80', 5, 'alert', 0, x'80', x'80', 1, 'active')",
+                    (message_id,),
+                )
+                conn.execute(
+                    "INSERT INTO items (message_id, device_id, shard, idcode, priority, rank, enqueued_at, "
+                    "not_before, deferred, state, updated_at) VALUES (?, 'd1', 0, x'00', 5, 0, 0, 0, 0, ?, 0)",
+                    (message_id, state),
+                )
+
+        await store.transaction(fill)
+    async with open_store(path) as store:
+        row = await store.fetchone("SELECT repushes_sent FROM followups WHERE root_id = 'm'")
+        assert row is not None and row[0] == 1
