@@ -3,7 +3,7 @@ the user authorised — whether they handled the matter, and re-pushes when they
 
 Inputs (its inbox): delivery records from the nodes and registry changes. App events
 settle follow-ups where they are stored: ``report`` calls :func:`handle_event_in` in the
-transaction that stores the event (an ``AppEvent`` in the inbox is handled the same way).
+transaction that stores the event.
 
 State lives in SQLite (``followups``, ``events``), so a million pending follow-ups cost
 rows, not memory. One timer per actor: it sleeps until the earliest ``due_at`` of a
@@ -55,7 +55,7 @@ from actors.rules import compile_rule
 
 log = structlog.get_logger("actors.analyzer")
 
-AnalyzerInput = Delivered | AppEvent | RegistryChanged
+AnalyzerInput = Delivered | RegistryChanged
 FIRE_BATCH = 200
 RECONCILE_INTERVAL = 300.0  # seconds between sweeps for follow-ups stuck in 'waiting'
 RECONCILE_BATCH = 1000  # follow-up rows per reconcile transaction
@@ -250,8 +250,6 @@ class AnalyzerActor:
     async def handle(self, message: AnalyzerInput) -> None:
         if isinstance(message, Delivered):
             await self.on_delivered(message)
-        elif isinstance(message, AppEvent):
-            await self.on_event(message)
         elif isinstance(message, RegistryChanged):
             await self.on_registry_change(message)
 
@@ -277,12 +275,6 @@ class AnalyzerActor:
         """A delivery record only wakes the timer (a new follow-up may be due sooner than
         the one it sleeps for): the node has already written the follow-up state durably
         (``record_outcomes``), and ``reconcile`` repairs what a lost record leaves."""
-
-    async def on_event(self, e: AppEvent) -> None:
-        now = self.clock()
-        handled = await self.store.transaction(lambda conn: handle_event_in(conn, e, now))
-        for root_id, device_id in handled:
-            log.info("handled", message_id=root_id, device_id=device_id)
 
     async def on_registry_change(self, change: RegistryChanged) -> None:
         record = await self.registry.get(change.device_id)

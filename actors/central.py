@@ -61,6 +61,19 @@ class NotAccepted(RuntimeError):
     """A push central did not take up (it is stopping): nothing was stored."""
 
 
+async def refuse_waiting(inbox: trio.MemoryReceiveChannel[Envelope]) -> int:
+    """Answer every push waiting in ``inbox`` as not accepted (pushd is shutting down);
+    returns how many."""
+    answered = 0
+    while True:
+        try:
+            envelope = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return answered
+        await envelope.answer(NotAccepted("pushd is shutting down"))
+        answered += 1
+
+
 MAX_TTL = 30 * 86_400  # APNs stores a notification for at most 30 days
 
 
@@ -237,12 +250,7 @@ class CentralActor:
             # so now (not left waiting for the end of the drain, to see their connection
             # closed and not know whether the push was stored). Senders that come later find
             # the inbox closed.
-            while True:
-                try:
-                    envelope = self.inbox.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                await envelope.answer(NotAccepted("pushd is shutting down"))
+            await refuse_waiting(self.inbox)
             nursery.cancel_scope.cancel()
 
     # -- acceptance -------------------------------------------------------------------

@@ -22,10 +22,10 @@ import trio
 
 from actors.analyzer import AnalyzerActor, followup_totals
 from actors.base import ActorContext
-from actors.central import CentralActor, NotAccepted
+from actors.central import CentralActor, refuse_waiting
 from actors.idcode import CodeKeys
 from actors.live import Live, LiveRef
-from actors.messages import AppEvent, Delivered, Enqueued, Envelope, Handoff, RegistryChanged
+from actors.messages import Delivered, Enqueued, Envelope, Handoff, RegistryChanged
 from actors.node import HANDOFF_SLOTS, NodeActor
 from actors.queue import WAKE_SLOTS, QueueActor
 from actors.queuestore import QueueStore
@@ -41,7 +41,7 @@ log = structlog.get_logger("pushd.pipeline")
 
 NODE_START_TIMEOUT = 30.0  # seconds the nodes a reload adds have to start (restarts included)
 
-AnalyzerInput = Delivered | AppEvent | RegistryChanged
+AnalyzerInput = Delivered | RegistryChanged
 
 
 def build_live(cfg: Config, *, sender_config: Callable[..., Any] | None, generation: int) -> Live:
@@ -123,14 +123,7 @@ class Pipeline:
         not running to do it: restarting after a crash when the drain began) as not
         accepted, and close the inbox, so that pushes still being sent to it are refused
         the same way. Returns how many were answered."""
-        answered = 0
-        while True:
-            try:
-                envelope = self.central_recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            await envelope.answer(NotAccepted("pushd is shutting down"))
-            answered += 1
+        answered = await refuse_waiting(self.central_recv)
         self.central_recv.close()
         return answered
 

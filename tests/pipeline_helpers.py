@@ -23,6 +23,7 @@ shutdown_timeout = 5.0
 socket = "ctl.sock"
 [supervisor]
 heartbeat_interval = 0.2
+{supervisor}
 [nodes]
 count = {nodes}
 batch = 50
@@ -46,16 +47,19 @@ rule = "always"
 TOPIC = "com.example.app"
 
 
-def write_config(root: Path, nodes: int = 2, extra: str = "") -> Path:
+def write_config(root: Path, nodes: int = 2, extra: str = "", *, supervisor: str = "") -> Path:
+    """``supervisor``: more lines of the [supervisor] table (restart backoff, say)."""
     path = root / "pushd.toml"
-    path.write_text(BASE.format(nodes=nodes) + extra)
+    path.write_text(BASE.format(nodes=nodes, supervisor=supervisor) + extra)
     return path
 
 
 @asynccontextmanager
-async def running(root: Path, nodes: int = 2, extra: str = "") -> AsyncIterator[Daemon]:
-    cfg = write_config(root, nodes, extra)
-    daemon = Daemon(load_config(cfg), notifier=Notifier(None))
+async def running(
+    root: Path, nodes: int = 2, extra: str = "", *, supervisor: str = "", notifier: Notifier | None = None
+) -> AsyncIterator[Daemon]:
+    cfg = write_config(root, nodes, extra, supervisor=supervisor)
+    daemon = Daemon(load_config(cfg), notifier=notifier or Notifier(None))
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         try:

@@ -15,7 +15,13 @@ import pytest
 import trio
 import trio.testing
 
-from actors.analyzer import AnalyzerActor, Outcome, followup_summary, record_outcomes
+from actors.analyzer import (
+    AnalyzerActor,
+    Outcome,
+    followup_summary,
+    handle_event_in,
+    record_outcomes,
+)
 from actors.base import ActorContext, Heartbeat
 from actors.idcode import CodeKeys
 from actors.live import Live, LiveRef
@@ -107,11 +113,18 @@ class World:
         await self.inbox.send(Delivered(message_id, device_id, user_id, outcome, None, "apns-id", at))
 
     async def report(self, user_id: str, name: str, **attributes: Any) -> None:
-        await self.store.execute(
-            "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, NULL, ?, ?, ?)",
-            (user_id, name, msgpack.packb(attributes), now()),
-        )
-        await self.inbox.send(AppEvent(user_id, None, name, attributes, now()))
+        """What ops.report does: the event stored and its follow-ups settled, together."""
+        at = now()
+        event = AppEvent(user_id, None, name, attributes, at)
+
+        def write(conn: Any) -> None:
+            conn.execute(
+                "INSERT INTO events (user_id, device_id, name, attributes, at) VALUES (?, NULL, ?, ?, ?)",
+                (user_id, name, msgpack.packb(attributes), at),
+            )
+            handle_event_in(conn, event, at)
+
+        await self.store.transaction(write)
 
     async def first_repush(self) -> str:
         """d1 (user u1) was delivered a FOLLOW push and did not act: its first re-push is now
@@ -519,7 +532,6 @@ async def test_a_report_landing_while_a_repush_is_being_made_gets_no_repush(
     # fire_due looked for evidence and found none; before it writes the re-push, a report
     # (ops.report settles follow-ups in its own transaction) ends the follow-up. The
     # re-push write then makes nothing for it: no reminder to a user who just acted.
-    from actors.analyzer import handle_event_in
 
     async with world(tmp_path) as w:
         await w.register("d1", "u1")

@@ -610,44 +610,9 @@ async def test_large_frames_are_handled_a_few_at_a_time_small_ones_at_once(
     assert inside["most"] == LARGE_FRAMES_AT_ONCE + 2
 
 
-async def test_a_large_request_waiting_too_long_for_a_slot_is_refused_undone(
-    nursery: trio.Nursery, sock_path: Path, autojump_clock: Any
-) -> None:
-    from pushd.control import LARGE_FRAME, LARGE_FRAME_WAIT, LARGE_FRAMES_AT_ONCE
-
-    release = trio.Event()
-    calls = []
-
-    async def held(args: dict[str, Any], peer: Peer) -> Any:
-        calls.append(1)
-        await release.wait()
-        return "done"
-
-    server = ControlServer(sock_path, {**HANDLERS, "held": held})
-    await nursery.start(server.run)
-    blob = "x" * (LARGE_FRAME + 1)
-    busy = [await Conn.open(sock_path) for _ in range(LARGE_FRAMES_AT_ONCE)]
-    for c in busy:
-        await c.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {"blob": blob}}))
-    await wait_until(lambda: len(calls) == LARGE_FRAMES_AT_ONCE)
-    late = await Conn.open(sock_path)
-    start = trio.current_time()
-    await late.send(encode_frame({"v": 1, "id": 7, "op": "held", "args": {"blob": blob}}))
-    with trio.fail_after(LARGE_FRAME_WAIT + 5):
-        reply = await read_frame(late.stream, max_size=1 << 20, buffer=late.buffer)
-    assert reply["error"]["code"] == "unavailable" and "nothing was done" in reply["error"]["message"]
-    assert trio.current_time() - start == pytest.approx(LARGE_FRAME_WAIT, abs=0.5)
-    assert len(calls) == LARGE_FRAMES_AT_ONCE  # never handled
-    assert "result" in await late.request("ping")  # the connection goes on
-    release.set()
-
-
-async def test_a_refused_large_request_reaches_a_client_with_the_default_timeout(
-    nursery: trio.Nursery, sock_path: Path
-) -> None:
-    # The large-request wait is well inside a Client's default timeout: the client hears
-    # "unavailable, nothing was done", not a timeout that leaves it unsure.
-    from pushd.client import Client, RequestFailed
+async def large_slots_taken(nursery: trio.Nursery, sock_path: Path) -> tuple[ControlServer, trio.Event, str]:
+    """A server whose "held" op waits for the returned event, with every large-request slot
+    taken by a held request; and a blob that makes a request large."""
     from pushd.control import LARGE_FRAME, LARGE_FRAMES_AT_ONCE
 
     release = trio.Event()
@@ -659,10 +624,39 @@ async def test_a_refused_large_request_reaches_a_client_with_the_default_timeout
     server = ControlServer(sock_path, {**HANDLERS, "held": held})
     await nursery.start(server.run)
     blob = "x" * (LARGE_FRAME + 1)
-    busy = [await Conn.open(sock_path) for _ in range(LARGE_FRAMES_AT_ONCE)]
-    for c in busy:
-        await c.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {"blob": blob}}))
+    for _ in range(LARGE_FRAMES_AT_ONCE):
+        conn = await Conn.open(sock_path)
+        await conn.send(encode_frame({"v": 1, "id": 1, "op": "held", "args": {"blob": blob}}))
     await wait_until(lambda: server.requests_served == LARGE_FRAMES_AT_ONCE)
+    return server, release, blob
+
+
+async def test_a_large_request_waiting_too_long_for_a_slot_is_refused_undone(
+    nursery: trio.Nursery, sock_path: Path, autojump_clock: Any
+) -> None:
+    from pushd.control import LARGE_FRAME_WAIT, LARGE_FRAMES_AT_ONCE
+
+    server, release, blob = await large_slots_taken(nursery, sock_path)
+    late = await Conn.open(sock_path)
+    start = trio.current_time()
+    await late.send(encode_frame({"v": 1, "id": 7, "op": "held", "args": {"blob": blob}}))
+    with trio.fail_after(LARGE_FRAME_WAIT + 5):
+        reply = await read_frame(late.stream, max_size=1 << 20, buffer=late.buffer)
+    assert reply["error"]["code"] == "unavailable" and "nothing was done" in reply["error"]["message"]
+    assert trio.current_time() - start == pytest.approx(LARGE_FRAME_WAIT, abs=0.5)
+    assert server.requests_served == LARGE_FRAMES_AT_ONCE  # never handled
+    assert "result" in await late.request("ping")  # the connection goes on
+    release.set()
+
+
+async def test_a_refused_large_request_reaches_a_client_with_the_default_timeout(
+    nursery: trio.Nursery, sock_path: Path
+) -> None:
+    # The large-request wait is well inside a Client's default timeout: the client hears
+    # "unavailable, nothing was done", not a timeout that leaves it unsure.
+    from pushd.client import Client, RequestFailed
+
+    _, release, blob = await large_slots_taken(nursery, sock_path)
 
     def call() -> str:
         with Client(sock_path) as client:  # the default timeout

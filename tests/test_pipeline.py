@@ -529,26 +529,32 @@ async def test_pushes_waiting_for_central_at_shutdown_are_told_they_were_not_acc
     assert {o for o in outcomes if o != "not accepted"} == stored
 
 
+def node_1_never_starts(monkeypatch: pytest.MonkeyPatch, *, hangs: bool) -> None:
+    """node-1 (a node a reload adds) crashes at every start, or never reports started."""
+    from actors.node import NodeActor
+
+    start = NodeActor.run
+
+    async def run(self: NodeActor, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.index == 1:
+            if hangs:
+                await trio.sleep_forever()
+            raise RuntimeError("node-1 cannot start")
+        await start(self, task_status=task_status)
+
+    monkeypatch.setattr(NodeActor, "run", run)
+
+
 async def test_a_reload_whose_new_node_cannot_start_keeps_the_old_node_count(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # nodes.count 1 -> 2, and node-1 fails at every start: the reload is refused with the
     # reason, node-0 alone goes on with every shard (nothing stranded on a shard no node
     # serves), and systemd hears READY=1 again.
-    from actors.node import NodeActor
-    from pushd.config import load_config
-    from pushd.daemon import Daemon
     from pushd.sdnotify import Notifier
-    from tests.pipeline_helpers import BASE
+    from tests.pipeline_helpers import write_config
 
-    start = NodeActor.run
-
-    async def run(self: NodeActor, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        if self.index == 1:
-            raise RuntimeError("node-1 cannot start")
-        await start(self, task_status=task_status)
-
-    monkeypatch.setattr(NodeActor, "run", run)
+    node_1_never_starts(monkeypatch, hangs=False)
 
     class Recorded(Notifier):
         def __init__(self) -> None:
@@ -558,17 +564,10 @@ async def test_a_reload_whose_new_node_cannot_start_keeps_the_old_node_count(
         def send(self, **fields: Any) -> None:
             self.sent.append(",".join(fields))
 
-    def config(nodes: int) -> Path:
-        path = short_tmp / "pushd.toml"
-        quick = "heartbeat_interval = 0.2\nbackoff_initial = 0.05\nbackoff_max = 0.1\nmax_crashes = 2"
-        path.write_text(BASE.format(nodes=nodes).replace("heartbeat_interval = 0.2", quick))
-        return path
-
+    quick = "backoff_initial = 0.05\nbackoff_max = 0.1\nmax_crashes = 2"
     notifier = Recorded()
-    daemon = Daemon(load_config(config(1)), notifier=notifier)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        config(2)
+    async with running(short_tmp, nodes=1, supervisor=quick, notifier=notifier) as daemon:
+        write_config(short_tmp, nodes=2, supervisor=quick)
         with pytest.raises(RequestFailed) as info:
             await call(short_tmp, "reload")
         assert "node-1 could not start, 1 kept" in info.value.message
@@ -580,7 +579,6 @@ async def test_a_reload_whose_new_node_cannot_start_keeps_the_old_node_count(
         await call(short_tmp, "register_many", devices=[device(d, "u" + d) for d in ids])
         accepted = await call(short_tmp, "push", notification=alert(), target={"devices": ids})
         assert (await settled(short_tmp, accepted["message_id"]))["states"]["sent"] == 12
-        daemon.request_stop()
 
 
 async def test_a_push_waiting_while_central_restarts_at_shutdown_is_told_it_was_not_accepted(
@@ -589,10 +587,6 @@ async def test_a_push_waiting_while_central_restarts_at_shutdown_is_told_it_was_
     # Central crashed and waits to be restarted when the drain begins: it never runs again
     # to answer its inbox, so the daemon answers what is left there after the drain.
     from actors.central import CentralActor
-    from pushd.config import load_config
-    from pushd.daemon import Daemon
-    from pushd.sdnotify import Notifier
-    from tests.pipeline_helpers import BASE
 
     handle = CentralActor._handle
     crashed: list[int] = []
@@ -604,13 +598,9 @@ async def test_a_push_waiting_while_central_restarts_at_shutdown_is_told_it_was_
         await handle(self, envelope)
 
     monkeypatch.setattr(CentralActor, "_handle", crash_once)
-    path = short_tmp / "pushd.toml"
-    path.write_text(BASE.format(nodes=1).replace(
-        "heartbeat_interval = 0.2", "heartbeat_interval = 0.2\nbackoff_initial = 8.0\nbackoff_max = 8.0"))
-    daemon = Daemon(load_config(path), notifier=Notifier(None))
     second: list[str] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
+    slow_restart = "backoff_initial = 8.0\nbackoff_max = 8.0"
+    async with running(short_tmp, nodes=1, supervisor=slow_restart) as daemon, trio.open_nursery() as nursery:
         await call(short_tmp, "register", **device("d1", "u1"))
 
         async def first() -> None:  # taken by central as it crashes: no answer to give
@@ -641,17 +631,9 @@ async def test_a_reload_whose_new_node_hangs_at_start_is_rolled_back_too(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pushd.pipeline
-    from actors.node import NodeActor
     from tests.pipeline_helpers import write_config
 
-    start = NodeActor.run
-
-    async def run(self: NodeActor, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        if self.index == 1:
-            await trio.sleep_forever()  # never reports started
-        await start(self, task_status=task_status)
-
-    monkeypatch.setattr(NodeActor, "run", run)
+    node_1_never_starts(monkeypatch, hangs=True)
     monkeypatch.setattr(pushd.pipeline, "NODE_START_TIMEOUT", 0.5)
     async with running(short_tmp, nodes=1) as daemon:
         write_config(short_tmp, nodes=2)
